@@ -1,0 +1,202 @@
+"""``nmt-ls`` (or ``python -m nmt_ls``): prepare, train, run, translate, score, plot, average.
+
+    nmt-ls run recipes/lohelp_en_de.yaml                 # data, training, test BLEU, plot
+    nmt-ls train recipes/lohelp_en_de.yaml train.lr=5e-4 --resume
+    nmt-ls translate runs/lohelp_en_de/checkpoint_best.pt < in.en > out.de
+    nmt-ls score out.de --ref data/lohelp_en_de/test.de
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("nmt_ls")
+
+
+def _setup_logging(out_dir: Path | None = None) -> None:
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(out_dir / "train.log", encoding="utf-8"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                        datefmt="%H:%M:%S", handlers=handlers, force=True)
+
+
+def cmd_prepare(args) -> int:
+    from nmt_ls.prepare import main as prepare_main
+
+    return prepare_main(args.rest)
+
+
+def cmd_train(args) -> dict:
+    from nmt_ls.config import load_recipe
+    from nmt_ls.train import train
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    _setup_logging(Path(cfg.out_dir))
+    return train(cfg, resume=args.resume)
+
+
+def test_bleu(checkpoint: str | Path, cfg_dict: dict, out_dir: Path, num_threads: int = 0) -> dict:
+    """Translate the test split with beam search (and greedy), write hypotheses, score them."""
+    import torch
+
+    from nmt_ls.data import read_pairs
+    from nmt_ls.evaluate import corpus_bleu, corpus_chrf, translate
+    from nmt_ls.train import load_for_inference
+
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    d, e = cfg_dict["data"], cfg_dict["eval"]
+    source = d["hub_name"] if d["corpus"] == "hub" else d["dir"]
+    src, ref = read_pairs(source, d["src_lang"], d["tgt_lang"], split=d["test_split"], config=d["hub_config"])
+    model, tok, _ = load_for_inference(checkpoint)
+    result = {"checkpoint": str(checkpoint), "sentences": len(src)}
+    for name, beam in (("greedy", 1), ("beam", e["beam_size"])):
+        start = time.time()
+        hyps = translate(model, tok, src, beam_size=beam, len_penalty=e["len_penalty"], max_len_a=e["max_len_a"],
+                         max_len_b=e["max_len_b"], max_tokens=e["max_tokens"], progress=True)
+        (out_dir / f"test.{name}.{d['tgt_lang']}").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+        bleu, sig = corpus_bleu(hyps, ref)
+        chrf, chrf_sig = corpus_chrf(hyps, ref)
+        result[name] = {"beam_size": beam, "bleu": bleu, "bleu_signature": sig, "chrf": chrf, "chrf_signature": chrf_sig,
+                        "seconds": time.time() - start}
+        log.info("test %s (beam %d): BLEU %.2f  %s | chrF %.2f", name, beam, bleu, sig, chrf)
+    (out_dir / "test_scores.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
+def cmd_run(args) -> int:
+    """The main job: prepare the data, train, score the test split, plot the curves."""
+    from nmt_ls.config import load_recipe, to_dict
+    from nmt_ls.plot import plot_log
+    from nmt_ls.train import train
+
+    start = time.time()
+    cfg = load_recipe(args.recipe, args.overrides)
+    out_dir = Path(cfg.out_dir)
+    _setup_logging(out_dir)
+    summary = train(cfg, resume=args.resume)
+    scores = test_bleu(summary["checkpoint_best"], to_dict(cfg), out_dir, cfg.train.num_threads)
+    png = plot_log(summary["log"], out_dir / "curves.png")
+    minutes = (time.time() - start) / 60
+    (out_dir / "summary.json").write_text(json.dumps({"train": summary, "test": scores, "total_minutes": minutes}, indent=2),
+                                          encoding="utf-8")
+    print(f"\nrun {cfg.name} finished in {minutes:.1f} min ({summary['updates']} updates, {summary['minutes']:.1f} min training)")
+    print(f"  test BLEU (beam {scores['beam']['beam_size']}): {scores['beam']['bleu']:.2f}   greedy: {scores['greedy']['bleu']:.2f}")
+    print(f"  signature:  {scores['beam']['bleu_signature']}")
+    print(f"  log:        {summary['log']}")
+    print(f"  plot:       {png}")
+    print(f"  checkpoint: {summary['checkpoint_best']}")
+    print(f"  test hyps:  {out_dir / ('test.beam.' + cfg.data.tgt_lang)}")
+    print(f"  scores:     {out_dir / 'test_scores.json'}")
+    return 0
+
+
+def cmd_translate(args) -> int:
+    import torch
+
+    from nmt_ls.evaluate import read_lines, translate
+    from nmt_ls.train import load_for_inference
+
+    _setup_logging()
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    model, tok, cfg = load_for_inference(args.checkpoint, device)
+    lines = read_lines(args.input) if args.input != "-" else sys.stdin.read().splitlines()
+    e = cfg["eval"]
+    hyps = translate(model, tok, lines, beam_size=args.beam if args.beam is not None else e["beam_size"],
+                     len_penalty=args.len_penalty if args.len_penalty is not None else e["len_penalty"],
+                     max_len_a=e["max_len_a"], max_len_b=e["max_len_b"], max_tokens=args.max_tokens or e["max_tokens"],
+                     device=device, progress=sys.stderr.isatty() or args.progress)
+    text = "".join(h + "\n" for h in hyps)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from nmt_ls.evaluate import score_files
+
+    result = score_files(args.hyp, args.ref)
+    print(f"BLEU {result['bleu']:.2f}  {result['bleu_signature']}")
+    print(f"chrF {result['chrf']:.2f}  {result['chrf_signature']}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from nmt_ls.plot import plot_log
+
+    print(plot_log(args.log, args.out or Path(args.log).with_name("curves.png")))
+    return 0
+
+
+def cmd_average(args) -> int:
+    from nmt_ls.checkpoint import atomic_save, average_checkpoints
+
+    atomic_save(average_checkpoints(args.checkpoints), args.out)
+    print(args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nmt-ls", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="prepare the LibreOffice help corpus (see nmt-ls prepare --help)", add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_prepare)
+
+    for name, func, help_ in (("train", cmd_train, "train from a recipe"),
+                              ("run", cmd_run, "prepare, train, test BLEU and plot: the whole recipe")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("recipe", help="YAML recipe under recipes/")
+        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=5e-4")
+        s.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint_last.pt")
+        s.set_defaults(func=func)
+
+    s = sub.add_parser("translate", help="translate a file or stdin with a checkpoint")
+    s.add_argument("checkpoint")
+    s.add_argument("-i", "--input", default="-", help="input file (default: stdin)")
+    s.add_argument("-o", "--output", default="-", help="output file (default: stdout)")
+    s.add_argument("--beam", type=int, default=None, help="beam size (1: greedy; default: the recipe's)")
+    s.add_argument("--len-penalty", type=float, default=None)
+    s.add_argument("--max-tokens", type=int, default=None)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--progress", action="store_true")
+    s.set_defaults(func=cmd_translate)
+
+    s = sub.add_parser("score", help="sacreBLEU BLEU and chrF of a hypothesis file")
+    s.add_argument("hyp")
+    s.add_argument("--ref", nargs="+", required=True, help="one or more reference files")
+    s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("plot", help="PNG curves from a train_log.jsonl")
+    s.add_argument("log")
+    s.add_argument("--out", default=None)
+    s.set_defaults(func=cmd_plot)
+
+    s = sub.add_parser("average", help="average the parameters of checkpoints")
+    s.add_argument("checkpoints", nargs="+")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_average)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
+        print(f"nmt-ls {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Typed run configuration: one frozen dataclass per section, loaded from YAML.
+
+    cfg = load_recipe("recipes/lohelp_en_de.yaml", ["train.lr=5e-4", "model.d_model=256"])
+
+Unknown keys and wrong types raise :class:`ConfigError` naming the key (``train.lrr``) and
+listing the valid ones; dotted overrides are parsed with ``ast.literal_eval``.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str = "lohelp_en_de"  # "lohelp_en_de" (prepared offline), "files" (local) or "hub"
+    dir: str = "data/lohelp_en_de"  # prepared/local files: {dir}/{split}.{lang}, .tsv or .jsonl
+    hub_name: str | None = None  # datasets.load_dataset name, with corpus: hub
+    hub_config: str | None = None
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+    train_split: str = "train"
+    valid_split: str = "valid"
+    test_split: str = "test"
+    max_len: int = 200  # whitespace tokens per side; longer pairs are dropped (reported)
+    max_ratio: float = 3.0  # length ratio filter (train only)
+    valid_bleu_sentences: int = 0  # >0: BLEU during training on the first N valid pairs only
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    vocab_size: int = 8000
+    model_type: str = "unigram"
+    joint: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 256
+    n_heads: int = 4
+    ffn_dim: int = 1024
+    enc_layers: int = 3
+    dec_layers: int = 3
+    dropout: float = 0.1
+    attn_dropout: float = 0.0
+    pre_norm: bool = True
+    positions: str = "sinusoidal"
+    tie_embeddings: bool = True
+    max_positions: int = 1024
+
+
+@dataclass(frozen=True)
+class CriterionConfig:
+    name: str = "label_smoothed_cross_entropy"
+    label_smoothing: float = 0.1
+    smoothing: str = "others"
+    path: str = "reference"  # reference | fused | chunked (output layer + loss, no logits)
+    user_module: str | None = None  # imported before building, for plugin criteria
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 1
+    max_tokens: int = 4096  # padded tokens per batch per worker
+    update_freq: int = 1  # batches accumulated per update
+    lr: float = 1e-3
+    warmup_steps: int = 1000
+    betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
+    max_epochs: int = 20
+    max_updates: int = 0  # 0: no limit
+    max_minutes: float = 0.0  # 0: no limit; training stops at the first update past it
+    validate_every_updates: int = 0  # 0: validate at epoch ends only
+    save_every_updates: int = 0  # 0: save at validations only
+    log_every_updates: int = 50
+    patience: int = 0  # validations without improvement before stopping; 0 disables
+    best_metric: str = "bleu"  # bleu (higher is better) or ppl (lower is better)
+    max_bad_updates: int = 5  # consecutive non-finite losses tolerated before stopping
+    num_threads: int = 0  # 0: torch's default
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    beam_size: int = 5
+    len_penalty: float = 1.0
+    max_len_a: float = 1.2
+    max_len_b: int = 10
+    max_tokens: int = 8000  # source tokens per decoding batch
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs/run"
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    criterion: CriterionConfig = field(default_factory=CriterionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _coerce(value, tp, key: str):
+    """Check ``value`` against the annotation ``tp``; ints are accepted as floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key(s) {[where + k for k in unknown]}; valid keys: {names}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value or {}, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings to a nested dict (values via literal_eval)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a bare string such as train.device=cpu
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe, apply dotted overrides and validate it into a :class:`RunConfig`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = apply_overrides(data, overrides or [])
+    try:
+        cfg = from_dict(RunConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if "out_dir" not in data:
+        cfg = dataclasses.replace(cfg, out_dir=f"runs/{cfg.name}")
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (tuples as lists), for YAML files and checkpoints."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(cfg))

@@ -1,0 +1,331 @@
+"""Label-smoothed cross-entropy without (N, V) temporaries.
+
+Both functions equal :func:`~nmt_ls.criterions.functional.label_smoothed_cross_entropy` in
+value and gradient. As in the reference, a row's loss and NLL need only three numbers: the sum
+of its log-probabilities and the log-probabilities of the gold and the pad class. A custom
+autograd function computes those three per row, walking the rows in chunks; everything after
+them (smoothing, masking, KL, reduction) is ordinary autograd on (N,) tensors. Its backward
+gets the upstream grads of the three and writes
+
+    grad_x = g_sum * (1 - V p) + g_gold * (onehot(y) - p) + g_pad * (onehot(pad) - p)
+
+for ``p = softmax(x)``, chunk by chunk. For a kept row that is ``(a + b) * p - a * q - b *
+onehot(y)`` (``a`` the upstream factor of ``loss`` and ``kl``, ``b`` that of ``nll``): no row
+of q is ever built.
+
+* :func:`fused_label_smoothed_cross_entropy` takes logits (..., V). Forward writes the
+  softmax into one buffer shaped like the logits; backward turns that buffer into the
+  gradient in place and returns it. Extra memory: that buffer plus one chunk. (A second
+  backward through the same graph recomputes the softmax from the saved logits.)
+* :func:`chunked_linear_cross_entropy` takes the decoder features (..., D) and the output
+  projection (V, D) and never holds more than two chunks of logits: backward recomputes each
+  chunk's logits (one more matmul) and accumulates the features' and the weight's gradients.
+
+Half-precision inputs are upcast one chunk at a time (the chunked path also upcasts the
+weight once); all softmax arithmetic is float32 (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from nmt_ls.criterions.functional import (
+    REDUCTIONS,
+    LossOutput,
+    check_args,
+    check_target,
+    reduce_terms,
+    smoothed_target_entropy,
+)
+
+CHUNK_BYTES = 8 << 20  # float32 bytes of one chunk of logits (fused path)
+LINEAR_CHUNK_BYTES = 8 << 20  # chunked output layer; it holds two such chunks
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows_per_chunk(chunk_size: int | None, num_classes: int, budget: int) -> int:
+    if chunk_size is None:
+        return max(1, budget // (4 * num_classes))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    return chunk_size
+
+
+def _stats_from_log_probs(x: Tensor, tgt: Tensor, pad: int | None, scratch: Tensor, out: list[Tensor]) -> None:
+    """Write the row statistics of the logits chunk ``x`` (C, V) into the (C,) slices ``out`` =
+    (sum_lp, lp_gold, lp_pad); ``scratch`` is a (C, V) buffer for the log-probabilities."""
+    sum_lp, lp_gold, lp_pad = out
+    lp = torch.log_softmax(x, -1, out=scratch)  # (C, V)
+    torch.sum(lp, -1, out=sum_lp)
+    torch.gather(lp, 1, tgt[:, None], out=lp_gold[:, None])
+    if pad is not None:
+        lp_pad.copy_(lp[:, pad])
+
+
+def _stats_and_probs(x: Tensor, tgt: Tensor, pad: int | None, probs: Tensor, out: list[Tensor]) -> None:
+    """Like :func:`_stats_from_log_probs`, but leave ``softmax(x)`` in ``probs`` (C, V).
+
+    The log-sum-exp comes from the largest logit, whose probability is at least 1/V and so
+    has a well-conditioned log: ``lse = x_max - log p_max``.
+    """
+    sum_lp, lp_gold, lp_pad = out
+    p = torch.softmax(x, -1, out=probs)
+    x_max, j = x.max(-1)  # (C,)
+    lse = x_max - p.gather(1, j[:, None]).squeeze(1).log()
+    torch.sub(x.sum(-1), x.size(-1) * lse, out=sum_lp)
+    torch.sub(x.gather(1, tgt[:, None]).squeeze(1), lse, out=lp_gold)
+    if pad is not None:
+        torch.sub(x[:, pad], lse, out=lp_pad)
+
+
+def _grad_from_probs_(p: Tensor, tgt: Tensor, pad: int | None, grads: list[Tensor]) -> Tensor:
+    """Turn ``p = softmax(x)`` (C, V) in place into the gradient w.r.t. ``x`` of
+    ``g_sum * sum_lp + g_gold * lp_gold + g_pad * lp_pad``, given the (C,) slices ``grads``.
+
+    With ``d lp_j / dx = onehot(j) - p``: ``g_sum + c * p`` on every class, with
+    ``c = -(V * g_sum + g_gold + g_pad)``, plus ``g_gold`` at the gold and ``g_pad`` at the pad
+    column.
+    """
+    g_sum, g_gold, g_pad = grads
+    c = -(p.size(-1) * g_sum + g_gold + g_pad)  # (C,)
+    torch.addcmul(g_sum[:, None], p, c[:, None], out=p)
+    p.scatter_add_(1, tgt[:, None], g_gold[:, None])
+    if pad is not None:
+        p[:, pad] += g_pad
+    return p
+
+
+def _new_stats(n: int, dtype: torch.dtype, device) -> list[Tensor]:
+    return [torch.zeros(n, dtype=dtype, device=device) for _ in range(3)]
+
+
+class _RowStats(torch.autograd.Function):
+    """logits (N, V) -> (sum_lp, lp_gold, lp_pad), each (N,): the sum of a row's
+    log-probabilities and those of its gold and pad class (lp_pad = 0 if ``pad`` is None).
+
+    Forward leaves the softmax in a buffer shaped like the logits; the first backward turns it
+    into the gradient in place and returns it. A second backward (``retain_graph``,
+    ``gradcheck``) finds the buffer spent and recomputes the softmax from the saved logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, tgt: Tensor, pad: int | None, rows: int):
+        n, k = logits.shape
+        cdt = _compute_dtype(logits.dtype)
+        stats = _new_stats(n, cdt, logits.device)
+        probs = torch.empty_like(logits, memory_format=torch.contiguous_format)  # (N, V)
+        upcast = probs.dtype != cdt
+        scratch = logits.new_empty(min(rows, n), k, dtype=cdt) if upcast else None  # (C, V)
+        for i in range(0, n, rows):
+            sl = slice(i, i + rows)
+            x = logits[sl].to(cdt)  # (C, V), a view unless upcast
+            p = scratch[: x.size(0)] if upcast else probs[sl]
+            _stats_and_probs(x, tgt[sl], pad, p, [s[sl] for s in stats])
+            if upcast:
+                probs[sl].copy_(p)
+        ctx.save_for_backward(logits, tgt)
+        ctx.probs, ctx.pad, ctx.rows = probs, pad, rows
+        return tuple(stats)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        logits, tgt = ctx.saved_tensors
+        grad, ctx.probs = ctx.probs, None
+        recompute = grad is None
+        if recompute:
+            grad = torch.empty_like(logits, memory_format=torch.contiguous_format)  # (N, V)
+        cdt = _compute_dtype(logits.dtype)
+        upcast = grad.dtype != cdt
+        for i in range(0, logits.size(0), ctx.rows):
+            sl = slice(i, i + ctx.rows)
+            if recompute:
+                p = torch.softmax(logits[sl].to(cdt), -1)  # (C, V)
+            else:
+                p = grad[sl].to(cdt)  # a view unless upcast
+            _grad_from_probs_(p, tgt[sl], ctx.pad, [g[sl] for g in grads])
+            if recompute or upcast:
+                grad[sl].copy_(p)
+        return grad, None, None, None
+
+
+class _LinearRowStats(torch.autograd.Function):
+    """hidden (N, D), weight (V, D), bias (V,) -> the row statistics of
+    ``hidden @ weight.T + bias``, computed and differentiated one row chunk at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, tgt: Tensor, pad: int | None, rows: int):
+        n, k = hidden.size(0), weight.size(0)
+        cdt = _compute_dtype(hidden.dtype)
+        w, b = weight.to(cdt), bias.to(cdt) if bias is not None else None
+        stats = _new_stats(n, cdt, hidden.device)
+        logits = hidden.new_empty(min(rows, n), k, dtype=cdt)  # (C, V), one chunk
+        scratch = torch.empty_like(logits)
+        for i in range(0, n, rows):
+            x = _linear(hidden[i : i + rows].to(cdt), w, b, logits)
+            _stats_from_log_probs(x, tgt[i : i + rows], pad, scratch[: x.size(0)], [s[i : i + rows] for s in stats])
+        ctx.save_for_backward(hidden, weight, bias, tgt)
+        ctx.pad, ctx.rows = pad, rows
+        return tuple(stats)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        hidden, weight, bias, tgt = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, k = hidden.size(0), weight.size(0)
+        cdt = _compute_dtype(hidden.dtype)
+        w, b = weight.to(cdt), bias.to(cdt) if bias is not None else None
+        grad_h = torch.empty(hidden.shape, dtype=cdt, device=hidden.device) if need_h else None  # (N, D)
+        grad_w = torch.zeros_like(w) if need_w else None  # (V, D)
+        grad_b = torch.zeros_like(b) if need_b else None  # (V,)
+        logits = hidden.new_empty(min(ctx.rows, n), k, dtype=cdt)  # (C, V)
+        scratch = torch.empty_like(logits)
+        for i in range(0, n, ctx.rows):
+            sl = slice(i, i + ctx.rows)
+            h = hidden[sl].to(cdt)  # (C, D)
+            x = _linear(h, w, b, logits)
+            p = torch.softmax(x, -1, out=scratch[: x.size(0)])
+            g = _grad_from_probs_(p, tgt[sl], ctx.pad, [g[sl] for g in grads])  # (C, V)
+            if need_h:
+                torch.mm(g, w, out=grad_h[sl])
+            if need_w:
+                grad_w.addmm_(g.t(), h)
+            if need_b:
+                grad_b += g.sum(0)
+        cast = lambda g, like: g.to(like.dtype) if g is not None else None
+        return cast(grad_h, hidden), cast(grad_w, weight), cast(grad_b, bias), None, None, None
+
+
+def _linear(h: Tensor, w: Tensor, b: Tensor | None, chunk: Tensor) -> Tensor:
+    """``h @ w.T + b`` (C, V) into the first C rows of ``chunk``."""
+    out = chunk[: h.size(0)]
+    if b is None:
+        return torch.mm(h, w.t(), out=out)
+    return torch.addmm(b, h, w.t(), out=out)
+
+
+def _prepare(target: Tensor, k: int, epsilon: float, ignore_index, smoothing: str, reduction: str):
+    """Check the arguments; return (tgt (N,) with ignored ids set to 0, keep (N,), pad column)."""
+    check_args(k, epsilon, smoothing, ignore_index)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    tgt = target.reshape(-1)  # (N,)
+    keep = tgt.ne(ignore_index) if ignore_index is not None else torch.ones_like(tgt, dtype=torch.bool)
+    check_target(tgt, k, keep)
+    pad = ignore_index if smoothing == "others_no_pad" else None
+    return tgt.masked_fill(~keep, 0), keep, pad
+
+
+def _finish(stats, keep: Tensor, k: int, epsilon: float, smoothing: str, reduction: str, shape) -> LossOutput:
+    """The reference's per-token formulas (``token_terms``) on the row statistics, then the KL
+    and the reduction."""
+    sum_lp, lp_gold, lp_pad = stats
+    nll = -lp_gold  # (N,)
+    if epsilon == 0.0:
+        loss = nll
+    elif smoothing == "uniform":
+        loss = (1 - epsilon) * nll - (epsilon / k) * sum_lp
+    elif smoothing == "others":
+        loss = (1 - epsilon) * nll - (epsilon / (k - 1)) * (sum_lp - lp_gold)
+    else:
+        loss = (1 - epsilon) * nll - (epsilon / (k - 2)) * (sum_lp - lp_gold - lp_pad)
+    zero = loss.new_zeros(())
+    loss, nll = torch.where(keep, loss, zero), torch.where(keep, nll, zero)
+    ntokens = int(keep.sum())
+    h = smoothed_target_entropy(epsilon, k, smoothing) if epsilon > 0 else 0.0
+    kl = loss - h * keep.to(loss.dtype)
+    return LossOutput(
+        loss=reduce_terms(loss, reduction, shape, ntokens),
+        kl=reduce_terms(kl, reduction, shape, ntokens),
+        nll=reduce_terms(nll, reduction, shape, ntokens),
+        ntokens=ntokens,
+    )
+
+
+def fused_label_smoothed_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    epsilon: float = 0.1,
+    ignore_index: int | None = None,
+    smoothing: str = "others",
+    reduction: str = "sum",
+    chunk_size: int | None = None,
+) -> LossOutput:
+    """:func:`label_smoothed_cross_entropy` on logits in row chunks, with a fused backward.
+
+    Same values and gradients as the reference; the only (N, V) tensor it allocates is the
+    gradient of ``logits`` (in their dtype), made in backward from the saved logits. Backward
+    flows from ``loss``, ``kl`` and ``nll`` alike.
+
+    Args:
+        logits (Tensor): shape (..., V), e.g. (B, T, V); float32, float64, bfloat16 or float16.
+        target (Tensor): gold ids, shape (...); values in [0, V) except ``ignore_index``.
+        epsilon (float): smoothing mass in [0, 1). Default: 0.1
+        ignore_index (int, optional): padding id; its positions add nothing and get zero
+            gradient. Default: None
+        smoothing (str): ``uniform``, ``others`` or ``others_no_pad``. Default: ``others``
+        reduction (str): ``none`` | ``sum`` | ``mean`` | ``sentence``. Default: ``sum``
+        chunk_size (int, optional): rows per chunk. Default: about 4 MiB of float32 logits.
+    Returns:
+        LossOutput(loss, kl, nll, ntokens), float32 (float64 for float64 logits).
+    """
+    if logits.shape[:-1] != target.shape:
+        raise ValueError(
+            f"logits of shape {tuple(logits.shape)} need a target of shape "
+            f"{tuple(logits.shape[:-1])}, got {tuple(target.shape)}"
+        )
+    k = logits.size(-1)
+    tgt, keep, pad = _prepare(target, k, epsilon, ignore_index, smoothing, reduction)
+    rows = _rows_per_chunk(chunk_size, k, CHUNK_BYTES)
+    stats = _RowStats.apply(logits.reshape(-1, k), tgt, pad, rows)
+    return _finish(stats, keep, k, epsilon, smoothing, reduction, target.shape)
+
+
+def chunked_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    epsilon: float = 0.1,
+    ignore_index: int | None = None,
+    smoothing: str = "others",
+    reduction: str = "sum",
+    bias: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> LossOutput:
+    """The output projection and :func:`label_smoothed_cross_entropy` in one, chunk by chunk.
+
+    Equals ``label_smoothed_cross_entropy(F.linear(hidden, weight, bias), target, ...)`` in
+    value and in the gradients of ``hidden``, ``weight`` and ``bias``, but the (N, V) logits
+    never exist: forward keeps four numbers per row, and backward recomputes each chunk's
+    logits to form ``grad_hidden = g @ weight`` and ``grad_weight = sum g.T @ hidden``.
+
+    Args:
+        hidden (Tensor): decoder features, shape (..., D), e.g. (B, T, D).
+        weight (Tensor): output projection (tied embedding), shape (V, D).
+        target (Tensor): gold ids, shape (...).
+        epsilon, ignore_index, smoothing, reduction: as in
+            :func:`fused_label_smoothed_cross_entropy`.
+        bias (Tensor, optional): output bias, shape (V,). Default: None
+        chunk_size (int, optional): rows per chunk. Default: about 16 MiB of float32 logits.
+    Returns:
+        LossOutput(loss, kl, nll, ntokens).
+    """
+    if hidden.shape[:-1] != target.shape:
+        raise ValueError(
+            f"hidden of shape {tuple(hidden.shape)} needs a target of shape "
+            f"{tuple(hidden.shape[:-1])}, got {tuple(target.shape)}"
+        )
+    if weight.dim() != 2 or weight.size(1) != hidden.size(-1):
+        raise ValueError(
+            f"weight must have shape (V, {hidden.size(-1)}), got {tuple(weight.shape)}"
+        )
+    k = weight.size(0)
+    tgt, keep, pad = _prepare(target, k, epsilon, ignore_index, smoothing, reduction)
+    rows = _rows_per_chunk(chunk_size, k, LINEAR_CHUNK_BYTES)
+    stats = _LinearRowStats.apply(hidden.reshape(-1, hidden.size(-1)), weight, bias, tgt, pad, rows)
+    return _finish(stats, keep, k, epsilon, smoothing, reduction, target.shape)

@@ -1,0 +1,166 @@
+"""Registered criteria with fairseq's calling convention.
+
+``forward(model, sample, reduce=True)`` runs the model on ``sample["net_input"]`` and returns
+``(loss, sample_size, logging_output)``; ``reduce_metrics`` turns a list of logging outputs
+(from several batches or several workers; every entry is a sum) into per-token numbers.
+Losses are in nats; ``ppl = exp(nll_loss)``, which equals fairseq's ``2 ** nll_loss`` in bits.
+"""
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from nmt_ls.criterions import register_criterion
+from nmt_ls.criterions.functional import SMOOTHINGS, LossOutput, label_smoothed_cross_entropy
+
+
+def safe_exp(x: float) -> float:
+    """``exp(x)``, inf instead of OverflowError."""
+    return math.exp(x) if x < 700 else float("inf")
+
+
+@register_criterion("label_smoothed_cross_entropy")
+class LabelSmoothedCrossEntropyCriterion(nn.Module):
+    """Smoothed cross-entropy summed over non-pad target tokens (fairseq semantics).
+
+    Args:
+        padding_idx (int): target id ignored everywhere (the tokenizer's pad id).
+        label_smoothing (float): epsilon in [0, 1). Default: 0.0
+        smoothing (str): ``others`` (fairseq, default), ``uniform`` or ``others_no_pad``.
+        ignore_prefix_size (int): leading target positions left out (e.g. language tags).
+        report_accuracy (bool): add ``n_correct``/``total`` to the logging output.
+        sentence_avg (bool): normalise by sentences instead of target tokens.
+    """
+
+    def __init__(
+        self,
+        padding_idx: int,
+        label_smoothing: float = 0.0,
+        smoothing: str = "others",
+        ignore_prefix_size: int = 0,
+        report_accuracy: bool = False,
+        sentence_avg: bool = False,
+    ):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if smoothing not in SMOOTHINGS:
+            raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
+        self.padding_idx = padding_idx
+        self.eps = label_smoothing
+        self.smoothing = smoothing
+        self.ignore_prefix_size = ignore_prefix_size
+        self.report_accuracy = report_accuracy
+        self.sentence_avg = sentence_avg
+
+    def compute(self, logits: Tensor, target: Tensor, reduction: str = "sum") -> LossOutput:
+        """Loss terms for decoder outputs ``logits`` (B, T, V) against ``target`` (B, T)."""
+        if self.ignore_prefix_size > 0:
+            logits = logits[..., self.ignore_prefix_size :, :]
+            target = target[..., self.ignore_prefix_size :]
+        return label_smoothed_cross_entropy(
+            logits, target, self.eps, self.padding_idx, self.smoothing, reduction
+        )
+
+    def training_loss(self, out: LossOutput) -> Tensor:
+        """The term to backpropagate."""
+        return out.loss
+
+    def forward(self, model: nn.Module, sample: dict, reduce: bool = True):
+        logits = model(**sample["net_input"])  # (B, T, V)
+        target = sample["target"]  # (B, T)
+        out = self.compute(logits, target, "sum" if reduce else "none")
+        loss = self.training_loss(out)
+        nsentences = sample.get("nsentences", target.size(0))
+        sample_size = nsentences if self.sentence_avg else out.ntokens
+        logging_output = {
+            "loss": float(loss.detach().sum()),
+            "nll_loss": float(out.nll.detach().sum()),
+            "kl": float(out.kl.detach().sum()),
+            "ntokens": out.ntokens,
+            "nsentences": nsentences,
+            "sample_size": sample_size,
+        }
+        if self.report_accuracy:
+            n_correct, total = self.accuracy(logits, target)
+            logging_output.update(n_correct=n_correct, total=total)
+        return loss, sample_size, logging_output
+
+    def accuracy(self, logits: Tensor, target: Tensor) -> tuple[int, int]:
+        """(correct argmax predictions, non-pad tokens)."""
+        if self.ignore_prefix_size > 0:
+            logits = logits[..., self.ignore_prefix_size :, :]
+            target = target[..., self.ignore_prefix_size :]
+        keep = target.ne(self.padding_idx)
+        n_correct = logits.argmax(-1).eq(target).logical_and(keep).sum()
+        return int(n_correct), int(keep.sum())
+
+    @staticmethod
+    def reduce_metrics(logging_outputs: list[dict]) -> dict:
+        return reduce_metrics(logging_outputs)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        """Every logging value is a sum, so workers' outputs reduce by addition."""
+        return True
+
+
+@register_criterion("label_smoothed_kl")
+class LabelSmoothedKLCriterion(LabelSmoothedCrossEntropyCriterion):
+    """KL(q || p) summed over non-pad tokens: the smoothed CE minus the entropy of q.
+
+    Same gradient as the cross-entropy form; the reported loss is 0 for a model that predicts
+    q exactly. Defaults to OpenNMT-py/JoeyNMT smoothing (``others_no_pad``).
+    """
+
+    def __init__(
+        self,
+        padding_idx: int,
+        label_smoothing: float = 0.0,
+        smoothing: str = "others_no_pad",
+        ignore_prefix_size: int = 0,
+        report_accuracy: bool = False,
+        sentence_avg: bool = False,
+    ):
+        super().__init__(
+            padding_idx, label_smoothing, smoothing, ignore_prefix_size, report_accuracy, sentence_avg
+        )
+
+    def training_loss(self, out: LossOutput) -> Tensor:
+        return out.kl
+
+
+def reduce_metrics(logging_outputs: list[dict]) -> dict:
+    """Sum logging outputs (batches, workers) and normalise.
+
+    Returns ``loss`` (per ``sample_size`` unit), ``nll_loss`` and ``kl`` per target token,
+    ``ppl = exp(nll_loss)`` (never of the smoothed loss), sums of the counts, and
+    ``accuracy`` in percent when ``n_correct`` was logged.
+    """
+    keys = {k for log in logging_outputs for k in log}
+    total = {k: sum(float(log.get(k, 0)) for log in logging_outputs) for k in keys}
+    ntokens = total.get("ntokens", 0.0)
+    sample_size = total.get("sample_size", ntokens)
+    nll_per_token = total.get("nll_loss", 0.0) / ntokens if ntokens else 0.0
+    metrics = {
+        "loss": total.get("loss", 0.0) / sample_size if sample_size else 0.0,
+        "nll_loss": nll_per_token,
+        "ppl": safe_exp(nll_per_token),
+        "ntokens": ntokens,
+        "nsentences": total.get("nsentences", 0.0),
+        "sample_size": sample_size,
+    }
+    if "kl" in total:
+        metrics["kl"] = total["kl"] / ntokens if ntokens else 0.0
+    if total.get("total"):
+        metrics["accuracy"] = 100.0 * total["n_correct"] / total["total"]
+    return metrics
+
+
+__all__ = [
+    "LabelSmoothedCrossEntropyCriterion",
+    "LabelSmoothedKLCriterion",
+    "reduce_metrics",
+    "safe_exp",
+]

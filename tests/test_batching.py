@@ -1,0 +1,116 @@
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nmt_ls.batching import Batch, batch_by_tokens, collate, shard
+
+PAD, BOS, EOS = 0, 2, 3
+
+
+def padded_size(batch, src_lens, tgt_lens):
+    return len(batch) * max(max(src_lens[i], tgt_lens[i] + 1) for i in batch)
+
+
+@st.composite
+def corpora(draw):
+    n = draw(st.integers(1, 200))
+    src_lens = draw(st.lists(st.integers(1, 60), min_size=n, max_size=n))
+    tgt_lens = draw(st.lists(st.integers(0, 60), min_size=n, max_size=n))
+    max_tokens = draw(st.integers(61, 2000))
+    max_sentences = draw(st.one_of(st.none(), st.integers(1, 50)))
+    return src_lens, tgt_lens, max_tokens, max_sentences
+
+
+@settings(max_examples=200, deadline=None)
+@given(corpora(), st.integers(0, 3), st.booleans())
+def test_batches_respect_budget_and_cover_every_example_once(corpus, epoch, shuffle):
+    src_lens, tgt_lens, max_tokens, max_sentences = corpus
+    batches = batch_by_tokens(src_lens, tgt_lens, max_tokens, max_sentences, seed=1, epoch=epoch, shuffle=shuffle)
+    assert sorted(i for b in batches for i in b) == list(range(len(src_lens)))
+    for b in batches:
+        assert b and padded_size(b, src_lens, tgt_lens) <= max_tokens
+        assert max_sentences is None or len(b) <= max_sentences
+
+
+@settings(max_examples=50, deadline=None)
+@given(corpora())
+def test_collated_batch_fits_the_budget(corpus):
+    src_lens, tgt_lens, max_tokens, _ = corpus
+    for ids in batch_by_tokens(src_lens, tgt_lens, max_tokens):
+        batch = collate([[5] * src_lens[i] for i in ids], [[6] * tgt_lens[i] for i in ids], ids, PAD, BOS, EOS)
+        assert batch.src.numel() <= max_tokens and batch.tgt_out.numel() <= max_tokens
+
+
+def lengths(n=500, seed=0):
+    rng = random.Random(seed)
+    return [rng.randint(1, 40) for _ in range(n)], [rng.randint(1, 40) for _ in range(n)]
+
+
+def test_same_seed_and_epoch_same_batches_other_epoch_other_order():
+    src_lens, tgt_lens = lengths()
+    a = batch_by_tokens(src_lens, tgt_lens, 400, seed=7, epoch=3)
+    assert a == batch_by_tokens(src_lens, tgt_lens, 400, seed=7, epoch=3)
+    assert a != batch_by_tokens(src_lens, tgt_lens, 400, seed=7, epoch=4)
+    assert a != batch_by_tokens(src_lens, tgt_lens, 400, seed=8, epoch=3)
+
+
+def test_no_shuffle_keeps_size_order_and_corpus_order_on_ties():
+    src_lens, tgt_lens = [3, 1, 3, 2, 1], [1, 1, 1, 1, 1]
+    batches = batch_by_tokens(src_lens, tgt_lens, 6, shuffle=False, seed=123)
+    assert batches == [[1, 4, 3], [0, 2]]  # sizes 2,2,2 | 3,3
+
+
+def test_example_over_budget_is_an_error():
+    with pytest.raises(ValueError, match=r"exceed max_tokens=10.*index 1"):
+        batch_by_tokens([3, 12, 4], [3, 3, 3], max_tokens=10)
+    with pytest.raises(ValueError, match=r"index 0 \(src 2, tgt 10"):
+        batch_by_tokens([2], [10], max_tokens=10)  # tgt needs 10 + 1 positions
+    with pytest.raises(ValueError, match="equal in length"):
+        batch_by_tokens([1, 2], [1], max_tokens=10)
+
+
+def test_collate_shapes_and_contents():
+    src = [[10, 11, 12], [13]]
+    tgt = [[20, 21], [22, 23, 24]]
+    batch = collate(src, tgt, ids=[7, 4], pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    assert isinstance(batch, Batch) and len(batch) == 2 and batch.ids == [7, 4]
+    assert batch.src.tolist() == [[10, 11, 12], [13, PAD, PAD]]
+    assert batch.tgt_in.tolist() == [[BOS, 20, 21, PAD], [BOS, 22, 23, 24]]
+    assert batch.tgt_out.tolist() == [[20, 21, EOS, PAD], [22, 23, 24, EOS]]
+    assert batch.src_lengths.tolist() == [3, 1]
+    assert batch.ntokens == 7 == int(batch.tgt_out.ne(PAD).sum())
+    assert batch.src.dtype == batch.tgt_in.dtype == batch.tgt_out.dtype == torch.long
+    # teacher forcing: tgt_in is tgt_out shifted right by one, wherever tgt_in is not pad
+    keep = batch.tgt_in[:, 1:].ne(PAD)
+    assert torch.equal(batch.tgt_in[:, 1:][keep], batch.tgt_out[:, :-1][keep])
+    moved = batch.to("cpu")
+    assert torch.equal(moved.src, batch.src) and moved.ntokens == batch.ntokens
+
+
+def test_collate_rejects_bad_input():
+    with pytest.raises(ValueError, match="empty source"):
+        collate([[]], [[1]], [5], PAD, BOS, EOS)
+    with pytest.raises(ValueError, match="equal"):
+        collate([[1]], [[1], [2]], [0], PAD, BOS, EOS)
+
+
+@pytest.mark.parametrize("n_batches,world_size", [(10, 3), (9, 3), (4, 4), (7, 2)])
+def test_shard_equal_counts(n_batches, world_size):
+    batches = [[i] for i in range(n_batches)]
+    shards = [shard(batches, r, world_size) for r in range(world_size)]
+    assert len({len(s) for s in shards}) == 1
+    seen = [b[0] for s in shards for b in s]
+    assert len(seen) == len(set(seen)) == n_batches - n_batches % world_size
+    padded = [shard(batches, r, world_size, drop_last=False) for r in range(world_size)]
+    assert len({len(s) for s in padded}) == 1
+    assert {b[0] for s in padded for b in s} == set(range(n_batches))
+
+
+def test_shard_bad_arguments():
+    with pytest.raises(ValueError, match="rank"):
+        shard([[0], [1]], 2, 2)
+    with pytest.raises(ValueError, match="cannot feed"):
+        shard([[0]], 0, 2)

@@ -1,0 +1,73 @@
+"""Recipes load; bad recipes and overrides name the key."""
+from pathlib import Path
+
+import pytest
+
+from nmt_ls.config import ConfigError, RunConfig, load_recipe, to_dict
+
+ROOT = Path(__file__).parent.parent
+SMOKE = ROOT / "recipes" / "smoke.yaml"
+RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert {p.stem for p in RECIPES} >= {"lohelp_en_de", "smoke"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_loads_and_opens_with_its_command(path):
+    cfg = load_recipe(path)
+    assert isinstance(cfg, RunConfig)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#") and "nmt-ls" in "\n".join(path.read_text().splitlines()[:4])
+    assert cfg.criterion.name in ("label_smoothed_cross_entropy", "label_smoothed_kl")
+
+
+def test_overrides_are_literal_evaluated(tmp_path):
+    cfg = load_recipe(SMOKE, ["train.lr=5e-4", "model.d_model=32", "train.device=cpu",
+                                             "train.betas=(0.9, 0.99)", "data.hub_name=None", "name=x"])
+    assert cfg.train.lr == 5e-4 and cfg.model.d_model == 32 and cfg.train.device == "cpu"
+    assert cfg.train.betas == (0.9, 0.99) and cfg.data.hub_name is None
+    assert cfg.out_dir == "runs/smoke"  # the recipe's own out_dir wins over the name
+
+
+def test_out_dir_defaults_to_runs_name(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: abc\n")
+    assert load_recipe(p).out_dir == "runs/abc"
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("train:\n  lrr: 0.1\n", r"unknown key\(s\) \['train.lrr'\]; valid keys: \['seed'"),
+        ("modle:\n  d_model: 3\n", r"unknown key\(s\) \['modle'\]"),
+        ("train:\n  lr: fast\n", r"train.lr: expected float, got str 'fast'"),
+        ("model:\n  enc_layers: 2.5\n", r"model.enc_layers: expected int, got float 2.5"),
+        ("model:\n  pre_norm: 1\n", r"model.pre_norm: expected bool, got int 1"),
+        ("train:\n  max_tokens: true\n", r"train.max_tokens: expected int, got bool True"),
+        ("train:\n  betas: [0.9]\n", r"train.betas: expected a list of 2 values"),
+        ("train: 3\n", r"train: expected a mapping, got int"),
+        ("train: [1\n", r"not valid YAML"),
+    ],
+)
+def test_bad_recipes_name_the_key(tmp_path, text, match):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_recipe(p)
+    assert str(p) in str(e.value)
+
+
+def test_bad_override_and_missing_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_recipe(SMOKE, ["train.lr"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_recipe(SMOKE, ["train.nope=1"])
+    with pytest.raises(FileNotFoundError, match="recipe not found: nope.yaml"):
+        load_recipe("nope.yaml")
+
+
+def test_to_dict_round_trips():
+    cfg = load_recipe(SMOKE)
+    assert to_dict(cfg)["train"]["betas"] == [0.9, 0.98]

@@ -1,0 +1,190 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nmt_ls.decode import beam_search, greedy_search
+from nmt_ls.model import Seq2Seq
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+V = 12
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from a second thread, and on a busy machine two threads
+    # spin-wait on each other (a 0.1 s test took 10 s at load 5 on 2 cores).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_model(seed, **kwargs):
+    torch.manual_seed(seed)
+    args = dict(d_model=32, n_heads=4, ffn_dim=64, enc_layers=2, dec_layers=2, dropout=0.1, max_positions=64)
+    args.update(kwargs)
+    model = Seq2Seq(V, pad_id=PAD, **args).eval()
+    with torch.no_grad():
+        model.output_weight[EOS] *= 3.0  # so that untrained models stop at varied lengths
+    return model
+
+
+def random_src(seed, batch_size=6, max_len=9):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, max_len + 1, (batch_size,), generator=g)
+    src = torch.full((batch_size, max_len + 1), PAD)
+    for i, n in enumerate(lens.tolist()):
+        src[i, :n] = torch.randint(4, V, (n,), generator=g)
+        src[i, n] = EOS
+    return src
+
+
+def sequence_logprob(model, src_row, hyp):
+    """Sum of log p(y_t | y_<t, x) over hyp + eos, by teacher forcing (the oracle)."""
+    src_row = src_row[src_row.ne(PAD)][None]
+    tgt_in = torch.tensor([[BOS] + hyp])
+    with torch.no_grad():
+        lprobs = model(src_row, tgt_in)[0].log_softmax(-1)  # (T, V)
+    return lprobs[torch.arange(len(hyp) + 1), torch.tensor(hyp + [EOS])].sum().item()
+
+
+SEEDS = range(4)
+MODELS = [dict(), dict(pre_norm=False), dict(positions="learned", tie_embeddings=False)]
+SEARCH = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len_a=1.0, max_len_b=3)
+
+
+@pytest.mark.parametrize("kwargs", MODELS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_greedy_cached_equals_uncached(seed, kwargs):
+    model, src = random_model(seed, **kwargs), random_src(seed)
+    assert greedy_search(model, src, **SEARCH) == greedy_search(model, src, **SEARCH, use_cache=False)
+
+
+@pytest.mark.parametrize("kwargs", MODELS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_beam_cached_equals_uncached(seed, kwargs):
+    model, src = random_model(seed, **kwargs), random_src(seed)
+    cached = beam_search(model, src, **SEARCH, beam_size=4, nbest=4)
+    uncached = beam_search(model, src, **SEARCH, beam_size=4, nbest=4, use_cache=False)
+    for hyps_c, hyps_u in zip(cached, uncached):
+        assert [h for h, _ in hyps_c] == [h for h, _ in hyps_u]
+        assert [s for _, s in hyps_c] == pytest.approx([s for _, s in hyps_u], abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_beam_size_one_equals_greedy(seed):
+    model, src = random_model(seed), random_src(seed, batch_size=10)
+    beam = beam_search(model, src, **SEARCH, beam_size=1, len_penalty=0.0)
+    assert [hyps[0][0] for hyps in beam] == greedy_search(model, src, **SEARCH)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_beam_is_at_least_as_good_as_greedy(seed):
+    # Not a theorem for beam search in general, but it holds on these fixed random models.
+    model, src = random_model(seed), random_src(seed, batch_size=10)
+    greedy = greedy_search(model, src, **SEARCH)
+    beam = beam_search(model, src, **SEARCH, beam_size=5, len_penalty=0.0)
+    for i, (greedy_hyp, hyps) in enumerate(zip(greedy, beam)):
+        best_hyp, best_score = hyps[0]
+        assert best_score == pytest.approx(sequence_logprob(model, src[i], best_hyp), abs=1e-5)
+        assert best_score >= sequence_logprob(model, src[i], greedy_hyp) - 1e-5
+
+
+@pytest.mark.parametrize("style", ["fairseq", "gnmt"])
+@pytest.mark.parametrize("len_penalty", [0.0, 1.0, 0.6])
+def test_beam_scores_are_length_normalised_logprobs(len_penalty, style):
+    model, src = random_model(0), random_src(0)
+    beam = beam_search(model, src, **SEARCH, beam_size=4, nbest=4, len_penalty=len_penalty,
+                       len_penalty_style=style)
+    for i, hyps in enumerate(beam):
+        for hyp, score in hyps:
+            length = len(hyp) + 1  # eos counts
+            norm = length ** len_penalty if style == "fairseq" else ((5 + length) / 6) ** len_penalty
+            assert score == pytest.approx(sequence_logprob(model, src[i], hyp) / norm, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_nbest_sorted_and_distinct(seed):
+    model, src = random_model(seed), random_src(seed)
+    for hyps in beam_search(model, src, **SEARCH, beam_size=5, nbest=3):
+        assert 1 <= len(hyps) <= 3
+        scores = [s for _, s in hyps]
+        assert scores == sorted(scores, reverse=True)
+        assert len({tuple(h) for h, _ in hyps}) == len(hyps)
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_max_length_and_special_tokens(search):
+    model, src = random_model(1), random_src(1, batch_size=10)
+    args = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len_a=0.5, max_len_b=1)
+    if search == "greedy":
+        nbest = [[hyp] for hyp in greedy_search(model, src, **args)]
+    else:
+        nbest = [[hyp for hyp, _ in hyps] for hyps in beam_search(model, src, **args, beam_size=3, nbest=3)]
+    max_lens = [int(0.5 * n + 1) for n in src.ne(PAD).sum(1).tolist()]  # src_len without padding
+    for hyps, max_len in zip(nbest, max_lens):
+        for hyp in hyps:
+            assert len(hyp) <= max_len
+            assert not {PAD, BOS, EOS} & set(hyp)
+    assert any(len(hyp) == max_len for hyps, max_len in zip(nbest, max_lens) for hyp in hyps)  # eos forced
+
+
+def test_batching_does_not_change_outputs():
+    model, src = random_model(3), random_src(3)
+    batched = beam_search(model, src, **SEARCH, beam_size=3, nbest=2)
+    for i in range(src.size(0)):
+        alone = beam_search(model, src[i:i + 1], **SEARCH, beam_size=3, nbest=2)[0]
+        assert [h for h, _ in alone] == [h for h, _ in batched[i]]
+    assert [greedy_search(model, src[i:i + 1], **SEARCH)[0] for i in range(src.size(0))] == \
+        greedy_search(model, src, **SEARCH)
+
+
+def test_search_restores_train_mode():
+    model, src = random_model(0).train(), random_src(0)
+    greedy_search(model, src, **SEARCH)
+    beam_search(model, src, **SEARCH, beam_size=2)
+    assert model.training
+
+
+def test_bad_arguments_raise():
+    model, src = random_model(0), random_src(0)
+    with pytest.raises(ValueError):
+        beam_search(model, src, **SEARCH, beam_size=2, nbest=3)
+    with pytest.raises(ValueError):
+        beam_search(model, src, **SEARCH, len_penalty_style="google")
+
+
+def copy_batch(batch_size, g, vocab_size, max_len=6):
+    """Source: random tokens + eos; target: the same tokens between bos and eos."""
+    lens = torch.randint(2, max_len + 1, (batch_size,), generator=g)
+    src = torch.full((batch_size, max_len + 1), PAD)
+    tgt = torch.full((batch_size, max_len + 2), PAD)
+    for i, n in enumerate(lens.tolist()):
+        tokens = torch.randint(4, vocab_size, (n,), generator=g)
+        src[i, :n], src[i, n] = tokens, EOS
+        tgt[i, 0], tgt[i, 1:n + 1], tgt[i, n + 1] = BOS, tokens, EOS
+    return src, tgt
+
+
+def test_trained_copy_model_copies():
+    vocab_size, steps = 20, 300
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = Seq2Seq(vocab_size, d_model=32, n_heads=4, ffn_dim=64, enc_layers=2, dec_layers=2, dropout=0.0,
+                    pad_id=PAD, max_positions=32)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
+    for _ in range(steps):
+        src, tgt = copy_batch(64, g, vocab_size)
+        logits = model(src, tgt[:, :-1])  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), tgt[:, 1:].flatten(), ignore_index=PAD)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+    src, _ = copy_batch(32, g, vocab_size)
+    expected = [[t for t in row if t not in (PAD, EOS)] for row in src.tolist()]
+    args = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len_a=1.0, max_len_b=2)
+    assert greedy_search(model, src, **args) == expected
+    assert [hyps[0][0] for hyps in beam_search(model, src, **args, beam_size=4)] == expected

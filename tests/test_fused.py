@@ -1,0 +1,195 @@
+"""The fused criterion and the chunked output layer against the reference criterion."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nmt_ls.criterions.functional import REDUCTIONS, SMOOTHINGS, label_smoothed_cross_entropy
+from nmt_ls.criterions.fused import chunked_linear_cross_entropy, fused_label_smoothed_cross_entropy
+from test_criterion import dense_q, random_batch
+
+PAD = 1
+FIELDS = ("loss", "kl", "nll")
+
+
+def outputs_and_grads(fn, leaves, *args, weights=(1.3, 0.2, 0.7)):
+    """(loss, kl, nll, grads of leaves) with backward from a mix of all three outputs."""
+    out = fn(*leaves, *args)
+    total = sum(w * getattr(out, f).sum() for w, f in zip(weights, FIELDS))
+    grads = torch.autograd.grad(total, leaves)
+    return [getattr(out, f).detach() for f in FIELDS] + list(grads), out.ntokens
+
+
+def assert_all_close(got, want, atol, rtol=1e-5):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
+
+
+# ---- fused: values and gradients equal the reference ------------------------------------------
+
+@pytest.mark.parametrize("smoothing", SMOOTHINGS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_fused_matches_reference(smoothing, reduction, eps):
+    logits, target = random_batch(20, dtype=torch.float32)
+    logits.requires_grad_()
+    args = (target, eps, PAD, smoothing, reduction)
+    want, n_want = outputs_and_grads(label_smoothed_cross_entropy, [logits], *args)
+    for chunk_size in (None, 1, 4):  # one chunk, one row per chunk, a ragged last chunk
+        got, n_got = outputs_and_grads(
+            lambda *a: fused_label_smoothed_cross_entropy(*a, chunk_size=chunk_size), [logits], *args
+        )
+        assert n_got == n_want
+        assert_all_close(got, want, atol=1e-5)
+
+
+def test_fused_gradient_is_softmax_minus_q_and_zero_on_pad_rows():
+    logits, target = random_batch(21)
+    logits.requires_grad_()
+    for smoothing in SMOOTHINGS:
+        out = fused_label_smoothed_cross_entropy(logits, target, 0.2, PAD, smoothing)
+        (grad,) = torch.autograd.grad(out.loss, logits)
+        q = dense_q(target.reshape(-1), 11, 0.2, smoothing, PAD).view_as(logits)
+        keep = (target != PAD)[..., None]
+        expected = torch.where(keep, logits.detach().softmax(-1) - q, 0.0)
+        torch.testing.assert_close(grad, expected, atol=1e-12, rtol=0)
+        assert (grad[target == PAD] == 0).all()
+
+
+@pytest.mark.parametrize("smoothing", SMOOTHINGS)
+def test_fused_gradcheck_float64(smoothing):
+    logits, target = random_batch(22, b=2, t=3, v=5)
+    logits.requires_grad_()
+
+    def fn(x):
+        per_token = fused_label_smoothed_cross_entropy(x, target, 0.3, PAD, smoothing, "none", 2)
+        summed = fused_label_smoothed_cross_entropy(x, target, 0.3, PAD, smoothing, "sum", 2)
+        return per_token.loss, summed.kl, summed.nll
+
+    assert torch.autograd.gradcheck(fn, (logits,))
+
+
+def test_fused_second_backward_recomputes():
+    logits, target = random_batch(23)
+    logits.requires_grad_()
+    out = fused_label_smoothed_cross_entropy(logits, target, 0.1, PAD)
+    first = torch.autograd.grad(out.loss, logits, retain_graph=True)[0].clone()
+    second = torch.autograd.grad(out.loss, logits)[0]
+    torch.testing.assert_close(first, second, atol=1e-12, rtol=0)
+
+
+def test_fused_all_padding_batch_gives_zero_not_nan():
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    target = torch.full((2, 3), PAD)
+    for smoothing in SMOOTHINGS:
+        for reduction in REDUCTIONS:
+            out = fused_label_smoothed_cross_entropy(logits, target, 0.1, PAD, smoothing, reduction)
+            assert out.ntokens == 0
+            for f in FIELDS:
+                assert (getattr(out, f) == 0).all()
+            (grad,) = torch.autograd.grad(out.loss.sum() + out.nll.sum(), logits)
+            assert (grad == 0).all()
+
+
+def test_fused_ignore_index_outside_vocab():
+    logits, target = random_batch(24)
+    outside = target.masked_fill(target == PAD, -100)
+    got = fused_label_smoothed_cross_entropy(logits, outside, 0.1, -100, "others")
+    want = label_smoothed_cross_entropy(logits, target, 0.1, PAD, "others")
+    assert got.loss.item() == pytest.approx(want.loss.item(), abs=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_half_precision(dtype):
+    logits, target = random_batch(25, dtype=torch.float32)
+    half = logits.to(dtype).requires_grad_()
+    got, _ = outputs_and_grads(fused_label_smoothed_cross_entropy, [half], target, 0.1, PAD)
+    ref_input = half.detach().float().requires_grad_()  # same rounded values, float32 math
+    want, _ = outputs_and_grads(label_smoothed_cross_entropy, [ref_input], target, 0.1, PAD)
+    assert got[0].dtype == torch.float32 and got[-1].dtype == dtype
+    assert_all_close(got[:3], want[:3], atol=1e-4)
+    torch.testing.assert_close(got[-1].float(), want[-1], atol=1e-2, rtol=1e-2)
+
+
+def test_fused_bad_arguments():
+    logits, target = random_batch(0)
+    with pytest.raises(ValueError, match="need a target of shape"):
+        fused_label_smoothed_cross_entropy(logits, target[:, :-1], 0.1, PAD)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fused_label_smoothed_cross_entropy(logits, target, 0.1, PAD, reduction="avg")
+    with pytest.raises(ValueError, match="epsilon must be in"):
+        fused_label_smoothed_cross_entropy(logits, target, 1.0, PAD)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_label_smoothed_cross_entropy(logits, target, 0.1, PAD, chunk_size=0)
+
+
+# ---- chunked output layer: equals projection + reference ---------------------------------------
+
+def linear_batch(seed, dtype=torch.float64, bias=True):
+    logits, target = random_batch(seed)
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 5, 7, generator=g, dtype=dtype, requires_grad=True)
+    weight = torch.randn(11, 7, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(11, generator=g, dtype=dtype, requires_grad=True) if bias else None
+    return hidden, weight, b, target
+
+
+def unfused(hidden, weight, bias, *args):
+    return label_smoothed_cross_entropy(F.linear(hidden, weight, bias), *args)
+
+
+@pytest.mark.parametrize("smoothing", SMOOTHINGS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_chunked_linear_matches_unfused(smoothing, reduction):
+    hidden, weight, bias, target = linear_batch(30, torch.float32)
+    args = (target, 0.1, PAD, smoothing, reduction)
+    for b in (bias, None):
+        leaves = [hidden, weight] + ([b] if b is not None else [])
+        want, _ = outputs_and_grads(lambda h, w, *bb: unfused(h, w, b, *args), leaves)
+        for chunk_size in (None, 1, 4):
+            fn = lambda h, w, *bb: chunked_linear_cross_entropy(h, w, *args, bias=b, chunk_size=chunk_size)
+            got, _ = outputs_and_grads(fn, leaves)
+            assert_all_close(got, want, atol=1e-5)
+
+
+def test_chunked_linear_gradcheck_float64():
+    hidden, weight, bias, target = linear_batch(31)
+    hidden, weight, bias = hidden[:1, :3].detach().requires_grad_(), weight, bias
+    for smoothing in SMOOTHINGS:
+        fn = lambda h, w, b: chunked_linear_cross_entropy(
+            h, w, target[:1, :3], 0.3, PAD, smoothing, "none", bias=b, chunk_size=2
+        ).loss
+        assert torch.autograd.gradcheck(fn, (hidden, weight, bias), fast_mode=True)
+
+
+def test_chunked_linear_all_padding_and_frozen_weight():
+    hidden, weight, _, target = linear_batch(32)
+    out = chunked_linear_cross_entropy(hidden, weight, torch.full_like(target, PAD), 0.1, PAD)
+    assert out.loss.item() == 0.0 and out.ntokens == 0
+    gh, gw = torch.autograd.grad(out.loss, (hidden, weight))
+    assert (gh == 0).all() and (gw == 0).all()
+    frozen = weight.detach()
+    out = chunked_linear_cross_entropy(hidden, frozen, target, 0.1, PAD)
+    (gh,) = torch.autograd.grad(out.loss, hidden)
+    (want,) = torch.autograd.grad(unfused(hidden, frozen, None, target, 0.1, PAD).loss, hidden)
+    torch.testing.assert_close(gh, want, atol=1e-10, rtol=0)
+
+
+def test_chunked_linear_bfloat16():
+    hidden, weight, _, target = linear_batch(33, torch.float32)
+    h16, w16 = (t.detach().bfloat16().requires_grad_() for t in (hidden, weight))
+    got, _ = outputs_and_grads(
+        lambda h, w: chunked_linear_cross_entropy(h, w, target, 0.1, PAD), [h16, w16]
+    )
+    h32, w32 = (t.detach().float().requires_grad_() for t in (h16, w16))
+    want, _ = outputs_and_grads(lambda h, w: unfused(h, w, None, target, 0.1, PAD), [h32, w32])
+    assert got[-1].dtype == torch.bfloat16 and got[-2].dtype == torch.bfloat16
+    assert_all_close(got[:3], want[:3], atol=1e-4)
+    for g, w in zip(got[3:], want[3:]):
+        torch.testing.assert_close(g.float(), w, atol=2e-2, rtol=2e-2)
+
+
+def test_chunked_linear_bad_weight_shape():
+    hidden, weight, _, target = linear_batch(34)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        chunked_linear_cross_entropy(hidden, weight.t(), target, 0.1, PAD)

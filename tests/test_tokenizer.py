@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from nmt_ls.data import read_pairs
+from nmt_ls.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_spm, train_tokenizers
+
+FIXTURE = Path(__file__).parent / "data" / "lohelp_en_de"
+VOCAB = 1000
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    """Joint model trained on the fixture's train split only."""
+    out = tmp_path_factory.mktemp("spm")
+    model = train_spm([FIXTURE / "train.en", FIXTURE / "train.de"], out / "joint", VOCAB)
+    return Tokenizer(model)
+
+
+def test_special_ids_are_fixed(tok):
+    assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+    assert PAD_ID == 0 == tok.pad_id  # the criterion's ignore index
+    assert (UNK_ID, BOS_ID, EOS_ID) == (1, 2, 3)
+    assert tok.vocab_size == len(tok) == VOCAB
+
+
+def test_round_trip_on_held_out_test_lines(tok):
+    src, tgt = read_pairs(FIXTURE, "en", "de", split="test")
+    for line in src + tgt:
+        assert tok.decode(tok.encode(line)) == line
+    assert tok.decode_batch(tok.encode_batch(src)) == src
+
+
+def test_round_trip_of_unseen_characters(tok):
+    for text in ["Grüße aus Köln — 漢字 ☃ 🙂", "a  b", "tab\there", "x"]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_encode_has_no_bos_eos_and_decode_strips_specials(tok):
+    ids = tok.encode("Select the text that you want to underline.")
+    assert BOS_ID not in ids and EOS_ID not in ids and PAD_ID not in ids
+    text = tok.decode(ids)
+    assert tok.decode([BOS_ID, *ids, EOS_ID, PAD_ID, PAD_ID]) == text
+    assert tok.decode([*ids, EOS_ID, *tok.encode("garbage after eos")]) == text  # stops at eos
+    batch = torch.tensor([[BOS_ID, *ids, EOS_ID], [BOS_ID, *ids[:2], EOS_ID] + [PAD_ID] * (len(ids) - 2)])
+    assert tok.decode_batch(batch)[0] == text
+
+
+def test_training_is_deterministic(tmp_path):
+    src, tgt = read_pairs(FIXTURE, "en", "de", split="valid")
+
+    def pieces(path):
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+        return [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+
+    a = train_spm(iter(src + tgt), tmp_path / "a", 500)
+    b = train_spm(iter(src + tgt), tmp_path / "b", 500)
+    assert pieces(a) == pieces(b)
+
+
+def test_bpe_and_separate_models(tmp_path):
+    src, tgt = read_pairs(FIXTURE, "en", "de", split="valid")
+    src_tok, tgt_tok = train_tokenizers(src, tgt, tmp_path, 500, joint=False, src_lang="en", tgt_lang="de",
+                                        model_type="bpe")
+    assert src_tok.model_path.name == "spm.en.model" and tgt_tok.model_path.name == "spm.de.model"
+    assert src_tok.pad_id == tgt_tok.pad_id == PAD_ID
+    assert all(tgt_tok.decode(tgt_tok.encode(t)) == t for t in tgt)
+    joint_src, joint_tgt = train_tokenizers(src, tgt, tmp_path / "joint", 500)
+    assert joint_src is joint_tgt
+
+
+def test_vocab_too_large_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"vocab_size=5000 is too large .* at most \d+"):
+        train_spm(iter(["a small corpus", "of two lines"] * 5), tmp_path / "m", 5000)
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        train_spm(tmp_path / "missing.txt", tmp_path / "m", 100)
+    with pytest.raises(ValueError, match="model_type"):
+        train_spm(iter(["x"]), tmp_path / "m", 100, model_type="word-ish")
+    with pytest.raises(FileNotFoundError, match="nope.model"):
+        Tokenizer(tmp_path / "nope.model")
+
+
+def test_foreign_model_with_other_special_ids_is_rejected(tmp_path):
+    src, _ = read_pairs(FIXTURE, "en", "de", split="valid")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(src), model_prefix=str(tmp_path / "foreign"), vocab_size=300, minloglevel=2
+    )  # sentencepiece defaults: unk=0, bos=1, eos=2, no pad
+    with pytest.raises(ValueError, match="special ids"):
+        Tokenizer(tmp_path / "foreign.model")

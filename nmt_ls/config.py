@@ -90,6 +90,7 @@ class TrainConfig:
     max_bad_updates: int = 5  # consecutive non-finite losses tolerated before stopping
     num_threads: int = 0  # 0: torch's default
     device: str = "auto"  # auto | cpu | cuda
+    amp: str = "none"  # none | bf16 (autocast; the loss is computed in float32)
 
 
 @dataclass(frozen=True)

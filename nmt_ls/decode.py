@@ -65,10 +65,12 @@ def greedy_search(model: Seq2Seq, src: Tensor, bos_id: int, eos_id: int, pad_id:
     Returns:
         list of B token-id lists, without bos and eos.
     """
+    if src.size(0) == 0:
+        return []
     with _eval_mode(model):
         memory, src_pad_mask = model.encode(src)  # (B, S, D), (B, S)
         max_lens = _max_lens(model, src, pad_id, max_len_a, max_len_b)  # (B,)
-        rows = torch.arange(src.size(0))  # original row of each active sentence
+        rows = torch.arange(src.size(0), device=src.device)  # original row of each active sentence
         tokens = src.new_full((src.size(0), 1), bos_id)  # (B, 1)
         cache = model.new_cache() if use_cache else None
         hyps: list[list[int]] = [[] for _ in range(src.size(0))]
@@ -133,6 +135,8 @@ def beam_search(model: Seq2Seq, src: Tensor, bos_id: int, eos_id: int, pad_id: i
     if not 1 <= nbest <= beam_size:
         raise ValueError(f"need 1 <= nbest <= beam_size, got nbest={nbest}, beam_size={beam_size}")
     _length_norm(1, len_penalty, len_penalty_style)  # validate the style up front
+    if src.size(0) == 0:
+        return []
     K = beam_size
     with _eval_mode(model):
         memory, src_pad_mask = model.encode(src)  # (B, S, D), (B, S)
@@ -140,14 +144,14 @@ def beam_search(model: Seq2Seq, src: Tensor, bos_id: int, eos_id: int, pad_id: i
         B = src.size(0)
         memory = memory.repeat_interleave(K, dim=0)  # (B*K, S, D)
         src_pad_mask = src_pad_mask.repeat_interleave(K, dim=0)  # (B*K, S)
-        rows = torch.arange(B)  # original sentence of each active sentence
+        rows = torch.arange(B, device=src.device)  # original sentence of each active sentence
         tokens = src.new_full((B * K, 1), bos_id)  # (B*K, 1)
         # Only the first beam is live at the start, so the K beams do not duplicate each other.
-        scores = torch.full((B, K), -math.inf)  # (B, K) summed log-probs
+        scores = torch.full((B, K), -math.inf, device=src.device)  # (B, K) summed log-probs
         scores[:, 0] = 0.0
         cache = model.new_cache() if use_cache else None
         finished: list[list[tuple[list[int], float]]] = [[] for _ in range(B)]
-        beam_offsets = torch.arange(2 * K)  # (2K,)
+        beam_offsets = torch.arange(2 * K, device=src.device)  # (2K,)
 
         for step in range(int(max_lens.max()) + 1):
             N = scores.size(0)  # active sentences
@@ -169,7 +173,7 @@ def beam_search(model: Seq2Seq, src: Tensor, bos_id: int, eos_id: int, pad_id: i
             for i, j in to_finish.nonzero().tolist():
                 hyp = tokens[i * K + cand_beams[i, j], 1:].tolist()
                 finished[int(rows[i])].append((hyp, cand_scores[i, j].item() / norm))
-            n_finished = torch.tensor([len(finished[r]) for r in rows.tolist()])
+            n_finished = torch.tensor([len(finished[r]) for r in rows.tolist()], device=src.device)
             done = at_max | n_finished.ge(K)  # (N,)
 
             # Keep the first K non-eos expansions, in score order.
@@ -186,7 +190,7 @@ def beam_search(model: Seq2Seq, src: Tensor, bos_id: int, eos_id: int, pad_id: i
             tokens = torch.cat([tokens[order], next_tokens[live].view(-1, 1)], dim=1)  # (N'*K, step + 2)
             scores, max_lens, rows = scores[live], max_lens[live], rows[live]
             if live.numel() < N:
-                beam_rows = (live[:, None] * K + torch.arange(K)).view(-1)
+                beam_rows = (live[:, None] * K + torch.arange(K, device=src.device)).view(-1)
                 memory, src_pad_mask = memory[beam_rows], src_pad_mask[beam_rows]
             if cache is not None:
                 model.reorder_cache(cache, order)

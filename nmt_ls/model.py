@@ -65,7 +65,7 @@ class SelfAttention(nn.Module):
         Args:
             x (Tensor): shape (B, T, D).
             key_mask (Tensor, optional): bool, shape (B, 1, 1, T), True where a key may be
-                attended to. Not supported together with ``cache``.
+                attended to (encoder padding). Not to be combined with ``causal``.
             causal (bool): position t attends to positions <= t only.
             cache (dict, optional): holds "self_k"/"self_v" of the previous positions, shape
                 (B, H, P, D/H); the new keys and values are appended to it in place.
@@ -73,8 +73,9 @@ class SelfAttention(nn.Module):
             Tensor: shape (B, T, D).
         """
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        mask, is_causal = key_mask, causal  # q, k, v: (B, H, T, D/H)
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads)  # (B, T, 3, H, D/H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D/H)
+        mask, is_causal = key_mask, causal
         if cache is not None:
             if "self_k" in cache:
                 k = torch.cat([cache["self_k"], k], dim=2)  # (B, H, P + T, D/H)

@@ -243,6 +243,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     if is_main:
         log.info("model: %.2fM parameters; %d train pairs, %d valid; %d worker(s) on %s", n_params / 1e6, len(train_src), len(valid_src), world_size, device)
 
+    if t.amp not in ("none", "bf16"):
+        raise ValueError(f"train.amp must be 'none' or 'bf16', got {t.amp!r}")
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.amp == "bf16")  # noqa: E731
+
     def run_update(group: list[Batch]) -> dict | None:
         """Forward/backward over the update's batches, then one optimizer step."""
         local_ntokens = sum(b.ntokens for b in group)
@@ -254,7 +258,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             sync = i == len(group) - 1 or world_size == 1
             with ddp_model.no_sync() if not sync else nullcontext():
                 src, tgt_in, tgt_out = batch.src.to(device), batch.tgt_in.to(device), batch.tgt_out.to(device)
-                logits = ddp_model(src, tgt_in)  # (B, T, V)
+                with autocast():
+                    logits = ddp_model(src, tgt_in)  # (B, T, V)
                 out = criterion.compute(logits, tgt_out)
                 loss = criterion.training_loss(out)
                 (loss * scale).backward()

@@ -69,6 +69,29 @@ def test_fused_gradcheck_float64(smoothing):
     assert torch.autograd.gradcheck(fn, (logits,))
 
 
+def test_fused_gold_probability_underflow():
+    """Rows whose gold probability underflows float32 take the exact logsumexp branch."""
+    logits, target = random_batch(26, dtype=torch.float32)
+    logits[0, 0, target[0, 0]] = -200.0  # p_gold ~ e^-200: 0 in float32
+    logits[1, 2, target[1, 2]] = -90.0  # denormal
+    logits.requires_grad_()
+    args = (target, 0.1, PAD, "others_no_pad", "none")
+    want, _ = outputs_and_grads(label_smoothed_cross_entropy, [logits], *args)
+    got, _ = outputs_and_grads(fused_label_smoothed_cross_entropy, [logits], *args)
+    assert_all_close(got, want, atol=1e-5)
+
+
+def test_fused_without_grad_matches_reference():
+    """Validation path: no softmax buffer is kept, chunks go through a scratch."""
+    logits, target = random_batch(27, dtype=torch.float32)
+    want = label_smoothed_cross_entropy(logits, target, 0.1, PAD, "others_no_pad", "none")
+    with torch.no_grad():
+        got = fused_label_smoothed_cross_entropy(logits, target, 0.1, PAD, "others_no_pad", "none", 4)
+    for f in FIELDS:
+        torch.testing.assert_close(getattr(got, f), getattr(want, f), atol=1e-5, rtol=1e-5)
+    assert not got.loss.requires_grad
+
+
 def test_fused_second_backward_recomputes():
     logits, target = random_batch(23)
     logits.requires_grad_()

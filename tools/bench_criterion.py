@@ -24,13 +24,18 @@ any moment of the step beyond the inputs, the input gradients included. PyTorch'
 allocator is plain malloc (no caching) and large blocks are mmap'ed, so RSS tracks live
 tensors; every tensor involved is written, so none hides as untouched pages. Where
 /proc/self/clear_refs is not writable it falls back to ``ru_maxrss`` minus the baseline
-(valid because the inputs are made in place, without larger temporaries). On CUDA it uses
+(the lifetime peak: the inputs are made in place, without larger temporaries, and the
+warm-up step peaks as high as the measured one). On CUDA it uses
 ``torch.cuda.max_memory_allocated()`` minus the allocated memory before the step. "grads"
 is the size of the input gradients every method must produce (logits: 1x; hidden + W for
 the output layer), "beyond grads" is peak extra minus that.
 
-Time is the median of ``--repeat`` steps after ``--warmup`` steps, in the same worker. The
-step includes allocating the gradients (page faults on CPU), as training does.
+Time is the median of ``--repeat`` steps after ``--warmup`` steps, in the same worker. A
+step includes allocating the gradients (first-touch page faults on CPU), as training does;
+``--thp`` makes PyTorch back large tensors with transparent huge pages, which cuts that cost
+for every case. On a shared machine, ``--rounds R`` runs every case R times, interleaved,
+and reports the median of the R medians (memory: the largest of the R peaks); the load
+average is printed with the table.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -178,7 +184,8 @@ def run_case(case: str, vocab: int, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--case", case, "--vocab", str(vocab)]
     for name in ("tokens", "dim", "dtype", "threads", "eps", "pad", "pad_frac", "smoothing", "repeat", "warmup", "device"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1") if args.thp else None
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -197,6 +204,9 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--cases", default=",".join(LOGIT_CASES + LINEAR_CASES))
+    p.add_argument("--thp", action="store_true",
+                   help="THP_MEM_ALLOC_ENABLE=1 in the workers: PyTorch asks for transparent huge pages")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of all cases")
     p.add_argument("--sweep", action="store_true", help="V in 8000, 16000, 32000, 64000")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
@@ -210,21 +220,32 @@ def main(argv=None) -> None:
     elem = torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()
     print(f"N={args.tokens} D={args.dim} {args.dtype} threads={args.threads} device={args.device} "
           f"eps={args.eps} pad_frac={args.pad_frac} smoothing(d,e,f)={args.smoothing} "
-          f"repeat={args.repeat} (median)")
+          f"thp={args.thp} repeat={args.repeat} rounds={args.rounds} (median); load average {os.getloadavg()[0]:.1f}")
     head = f"{'V':>6} {'case':>7} {'time s':>8} {'x base':>7} {'peak MB':>8} {'x logits':>8} {'grads MB':>8} {'beyond grads':>12}"
     print(head)
     print("-" * len(head))
     for vocab in vocabs:
         logits_mb = args.tokens * vocab * elem / 2**20
-        res = {}
-        for case in cases:
-            res[case] = r = run_case(case, vocab, args)
+        runs = {case: [] for case in cases}
+        for _ in range(args.rounds):
+            for case in cases:
+                runs[case].append(run_case(case, vocab, args))
+        res = {
+            case: {
+                "time": statistics.median(r["time"] for r in rs),
+                "peak": max(r["peak"] for r in rs),
+                "grads": rs[0]["grads"],
+            }
+            for case, rs in runs.items()
+        }
+        for case, r in res.items():
             base = res.get(BASELINE.get(case, case))
             ratio = f"{r['time'] / base['time']:7.2f}" if base else f"{'-':>7}"
             peak, grads = r["peak"] / 2**20, r["grads"] / 2**20
             print(f"{vocab:>6} {case:>7} {r['time']:8.3f} {ratio} {peak:8.0f} {peak / logits_mb:8.2f} "
                   f"{grads:8.0f} {(peak - grads) / logits_mb:11.3f}x", flush=True)
-        print(f"{'':>6} logits (N, V) = {logits_mb:.0f} MB; 'x base' is vs a (vs a+proj for f)")
+        print(f"{'':>6} logits (N, V) = {logits_mb:.0f} MB; 'x base' is vs a (vs a+proj for f); "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ of q is ever built.
   gradient in place and returns it. Extra memory: that buffer plus one chunk. (A second
   backward through the same graph recomputes the softmax from the saved logits.)
 * :func:`chunked_linear_cross_entropy` takes the decoder features (..., D) and the output
-  projection (V, D) and never holds more than two chunks of logits: backward recomputes each
+  projection (V, D) and never holds more than one chunk of logits: backward recomputes each
   chunk's logits (one more matmul) and accumulates the features' and the weight's gradients.
 
 Half-precision inputs are upcast one chunk at a time (the chunked path also upcasts the
@@ -39,47 +39,60 @@ from nmt_ls.criterions.functional import (
     smoothed_target_entropy,
 )
 
-CHUNK_BYTES = 8 << 20  # float32 bytes of one chunk of logits (fused path)
-LINEAR_CHUNK_BYTES = 8 << 20  # chunked output layer; it holds two such chunks
+CHUNK_BYTES = 16 << 20  # float32 scratch per chunk, fused path, half-precision logits only
+LINEAR_CHUNK_BYTES = 32 << 20  # float32 logits per chunk in the chunked output layer
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rows_per_chunk(chunk_size: int | None, num_classes: int, budget: int) -> int:
-    if chunk_size is None:
-        return max(1, budget // (4 * num_classes))
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
-    return chunk_size
-
-
-def _stats_from_log_probs(x: Tensor, tgt: Tensor, pad: int | None, scratch: Tensor, out: list[Tensor]) -> None:
-    """Write the row statistics of the logits chunk ``x`` (C, V) into the (C,) slices ``out`` =
-    (sum_lp, lp_gold, lp_pad); ``scratch`` is a (C, V) buffer for the log-probabilities."""
-    sum_lp, lp_gold, lp_pad = out
-    lp = torch.log_softmax(x, -1, out=scratch)  # (C, V)
-    torch.sum(lp, -1, out=sum_lp)
-    torch.gather(lp, 1, tgt[:, None], out=lp_gold[:, None])
-    if pad is not None:
-        lp_pad.copy_(lp[:, pad])
+def _rows_per_chunk(chunk_size: int | None, n: int, k: int, budget: int | None) -> int:
+    """``chunk_size`` if given, else as many rows as fit ``budget`` bytes (all if None)."""
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+        return chunk_size
+    return max(1, n if budget is None else budget // (4 * k))
 
 
 def _stats_and_probs(x: Tensor, tgt: Tensor, pad: int | None, probs: Tensor, out: list[Tensor]) -> None:
-    """Like :func:`_stats_from_log_probs`, but leave ``softmax(x)`` in ``probs`` (C, V).
+    """Write the row statistics of the logits chunk ``x`` (C, V) into the (C,) slices ``out`` =
+    (sum_lp, lp_gold, lp_pad), and ``softmax(x)`` into ``probs`` (C, V).
 
-    The log-sum-exp comes from the largest logit, whose probability is at least 1/V and so
-    has a well-conditioned log: ``lse = x_max - log p_max``.
+    The log-sum-exp comes from the softmax itself, ``lse = x_gold - log p_gold``, which costs
+    no pass over the row; rows whose gold probability underflows (``log p < -69``) get an
+    exact ``logsumexp`` instead.
     """
-    sum_lp, lp_gold, lp_pad = out
     p = torch.softmax(x, -1, out=probs)
-    x_max, j = x.max(-1)  # (C,)
-    lse = x_max - p.gather(1, j[:, None]).squeeze(1).log()
-    torch.sub(x.sum(-1), x.size(-1) * lse, out=sum_lp)
-    torch.sub(x.gather(1, tgt[:, None]).squeeze(1), lse, out=lp_gold)
-    if pad is not None:
-        torch.sub(x[:, pad], lse, out=lp_pad)
+    x_gold = x.gather(1, tgt[:, None]).squeeze(1)  # (C,)
+    p_gold = p.gather(1, tgt[:, None]).squeeze(1)
+    lse = x_gold - p_gold.log()
+    tiny = p_gold.lt(1e-30).nonzero().squeeze(1)
+    lse[tiny] = x[tiny].logsumexp(-1)
+    x_pad = x[:, pad] if pad is not None else None
+    _write_stats(x.sum(-1), x_gold, x_pad, lse, x.size(-1), out)
+
+
+def _stats_from_logits_(x: Tensor, tgt: Tensor, pad: int | None, out: list[Tensor]) -> Tensor:
+    """Write the row statistics of ``x`` (C, V) into ``out`` as above and return the
+    log-sum-exp (C,); ``x`` is overwritten."""
+    x_sum, x_gold = x.sum(-1), x.gather(1, tgt[:, None]).squeeze(1)  # (C,)
+    x_pad = x[:, pad].clone() if pad is not None else None
+    x_max = x.amax(-1)
+    lse = x.sub_(x_max[:, None]).exp_().sum(-1).log_().add_(x_max)
+    _write_stats(x_sum, x_gold, x_pad, lse, x.size(-1), out)
+    return lse
+
+
+def _write_stats(x_sum, x_gold, x_pad, lse, k: int, out: list[Tensor]) -> None:
+    """(sum_lp, lp_gold, lp_pad) = (x_sum - V lse, x_gold - lse, x_pad - lse) into ``out``;
+    lp_pad is left alone if ``x_pad`` is None."""
+    sum_lp, lp_gold, lp_pad = out
+    torch.sub(x_sum, k * lse, out=sum_lp)
+    torch.sub(x_gold, lse, out=lp_gold)
+    if x_pad is not None:
+        torch.sub(x_pad, lse, out=lp_pad)
 
 
 def _grad_from_probs_(p: Tensor, tgt: Tensor, pad: int | None, grads: list[Tensor]) -> Tensor:
@@ -107,25 +120,26 @@ class _RowStats(torch.autograd.Function):
     """logits (N, V) -> (sum_lp, lp_gold, lp_pad), each (N,): the sum of a row's
     log-probabilities and those of its gold and pad class (lp_pad = 0 if ``pad`` is None).
 
-    Forward leaves the softmax in a buffer shaped like the logits; the first backward turns it
-    into the gradient in place and returns it. A second backward (``retain_graph``,
+    Forward leaves the softmax in a buffer shaped like the logits (if ``keep_probs``; without
+    a backward to come it needs one chunk only); the first backward turns it into the
+    gradient in place and returns it. A second backward (``retain_graph``,
     ``gradcheck``) finds the buffer spent and recomputes the softmax from the saved logits.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, tgt: Tensor, pad: int | None, rows: int):
+    def forward(ctx, logits: Tensor, tgt: Tensor, pad: int | None, rows: int, keep_probs: bool):
         n, k = logits.shape
         cdt = _compute_dtype(logits.dtype)
         stats = _new_stats(n, cdt, logits.device)
-        probs = torch.empty_like(logits, memory_format=torch.contiguous_format)  # (N, V)
-        upcast = probs.dtype != cdt
-        scratch = logits.new_empty(min(rows, n), k, dtype=cdt) if upcast else None  # (C, V)
+        probs = torch.empty_like(logits, memory_format=torch.contiguous_format) if keep_probs else None  # (N, V)
+        in_place = keep_probs and logits.dtype == cdt  # else one (C, V) float scratch
+        scratch = None if in_place else logits.new_empty(min(rows, n), k, dtype=cdt)
         for i in range(0, n, rows):
             sl = slice(i, i + rows)
             x = logits[sl].to(cdt)  # (C, V), a view unless upcast
-            p = scratch[: x.size(0)] if upcast else probs[sl]
+            p = probs[sl] if in_place else scratch[: x.size(0)]
             _stats_and_probs(x, tgt[sl], pad, p, [s[sl] for s in stats])
-            if upcast:
+            if keep_probs and not in_place:
                 probs[sl].copy_(p)
         ctx.save_for_backward(logits, tgt)
         ctx.probs, ctx.pad, ctx.rows = probs, pad, rows
@@ -150,12 +164,13 @@ class _RowStats(torch.autograd.Function):
             _grad_from_probs_(p, tgt[sl], ctx.pad, [g[sl] for g in grads])
             if recompute or upcast:
                 grad[sl].copy_(p)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 class _LinearRowStats(torch.autograd.Function):
     """hidden (N, D), weight (V, D), bias (V,) -> the row statistics of
-    ``hidden @ weight.T + bias``, computed and differentiated one row chunk at a time."""
+    ``hidden @ weight.T + bias``, computed and differentiated one row chunk at a time in a
+    single (C, V) buffer."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, tgt: Tensor, pad: int | None, rows: int):
@@ -163,19 +178,20 @@ class _LinearRowStats(torch.autograd.Function):
         cdt = _compute_dtype(hidden.dtype)
         w, b = weight.to(cdt), bias.to(cdt) if bias is not None else None
         stats = _new_stats(n, cdt, hidden.device)
-        logits = hidden.new_empty(min(rows, n), k, dtype=cdt)  # (C, V), one chunk
-        scratch = torch.empty_like(logits)
+        lse = torch.empty(n, dtype=cdt, device=hidden.device)
+        chunk = hidden.new_empty(min(rows, n), k, dtype=cdt)  # (C, V)
         for i in range(0, n, rows):
-            x = _linear(hidden[i : i + rows].to(cdt), w, b, logits)
-            _stats_from_log_probs(x, tgt[i : i + rows], pad, scratch[: x.size(0)], [s[i : i + rows] for s in stats])
-        ctx.save_for_backward(hidden, weight, bias, tgt)
+            sl = slice(i, i + rows)
+            x = _linear(hidden[sl].to(cdt), w, b, chunk)
+            lse[sl] = _stats_from_logits_(x, tgt[sl], pad, [s[sl] for s in stats])
+        ctx.save_for_backward(hidden, weight, bias, tgt, lse)
         ctx.pad, ctx.rows = pad, rows
         return tuple(stats)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        hidden, weight, bias, tgt = ctx.saved_tensors
+        hidden, weight, bias, tgt, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, k = hidden.size(0), weight.size(0)
         cdt = _compute_dtype(hidden.dtype)
@@ -183,14 +199,12 @@ class _LinearRowStats(torch.autograd.Function):
         grad_h = torch.empty(hidden.shape, dtype=cdt, device=hidden.device) if need_h else None  # (N, D)
         grad_w = torch.zeros_like(w) if need_w else None  # (V, D)
         grad_b = torch.zeros_like(b) if need_b else None  # (V,)
-        logits = hidden.new_empty(min(ctx.rows, n), k, dtype=cdt)  # (C, V)
-        scratch = torch.empty_like(logits)
+        chunk = hidden.new_empty(min(ctx.rows, n), k, dtype=cdt)  # (C, V)
         for i in range(0, n, ctx.rows):
             sl = slice(i, i + ctx.rows)
             h = hidden[sl].to(cdt)  # (C, D)
-            x = _linear(h, w, b, logits)
-            p = torch.softmax(x, -1, out=scratch[: x.size(0)])
-            g = _grad_from_probs_(p, tgt[sl], ctx.pad, [g[sl] for g in grads])  # (C, V)
+            p = _linear(h, w, b, chunk).sub_(lse[sl, None]).exp_()  # softmax, (C, V)
+            g = _grad_from_probs_(p, tgt[sl], ctx.pad, [g[sl] for g in grads])
             if need_h:
                 torch.mm(g, w, out=grad_h[sl])
             if need_w:
@@ -258,9 +272,12 @@ def fused_label_smoothed_cross_entropy(
 ) -> LossOutput:
     """:func:`label_smoothed_cross_entropy` on logits in row chunks, with a fused backward.
 
-    Same values and gradients as the reference; the only (N, V) tensor it allocates is the
-    gradient of ``logits`` (in their dtype), made in backward from the saved logits. Backward
-    flows from ``loss``, ``kl`` and ``nll`` alike.
+    Same values and gradients as the reference. The only (N, V) tensor it allocates is a
+    buffer in the logits' dtype that forward fills with the softmax and backward turns into
+    the gradient of ``logits`` in place; under ``torch.no_grad()`` (validation) or for logits
+    that need no gradient it holds one chunk only. ``logits`` are saved by reference (for a
+    second backward through the same graph). Backward flows from ``loss``, ``kl`` and
+    ``nll`` alike.
 
     Args:
         logits (Tensor): shape (..., V), e.g. (B, T, V); float32, float64, bfloat16 or float16.
@@ -270,7 +287,10 @@ def fused_label_smoothed_cross_entropy(
             gradient. Default: None
         smoothing (str): ``uniform``, ``others`` or ``others_no_pad``. Default: ``others``
         reduction (str): ``none`` | ``sum`` | ``mean`` | ``sentence``. Default: ``sum``
-        chunk_size (int, optional): rows per chunk. Default: about 4 MiB of float32 logits.
+        chunk_size (int, optional): rows per chunk. Default: all rows when training on
+            float32/float64 logits (the softmax goes straight into the buffer, no scratch);
+            otherwise 16 MiB of float32 scratch per chunk (half-precision logits are upcast
+            chunk by chunk).
     Returns:
         LossOutput(loss, kl, nll, ntokens), float32 (float64 for float64 logits).
     """
@@ -281,8 +301,10 @@ def fused_label_smoothed_cross_entropy(
         )
     k = logits.size(-1)
     tgt, keep, pad = _prepare(target, k, epsilon, ignore_index, smoothing, reduction)
-    rows = _rows_per_chunk(chunk_size, k, CHUNK_BYTES)
-    stats = _RowStats.apply(logits.reshape(-1, k), tgt, pad, rows)
+    keep_probs = torch.is_grad_enabled() and logits.requires_grad
+    full = keep_probs and logits.dtype in (torch.float32, torch.float64)  # no scratch needed
+    rows = _rows_per_chunk(chunk_size, tgt.numel(), k, None if full else CHUNK_BYTES)
+    stats = _RowStats.apply(logits.reshape(-1, k), tgt, pad, rows, keep_probs)
     return _finish(stats, keep, k, epsilon, smoothing, reduction, target.shape)
 
 
@@ -301,7 +323,7 @@ def chunked_linear_cross_entropy(
 
     Equals ``label_smoothed_cross_entropy(F.linear(hidden, weight, bias), target, ...)`` in
     value and in the gradients of ``hidden``, ``weight`` and ``bias``, but the (N, V) logits
-    never exist: forward keeps four numbers per row, and backward recomputes each chunk's
+    never exist: forward keeps four numbers per row (three statistics and the log-sum-exp), and backward recomputes each chunk's
     logits to form ``grad_hidden = g @ weight`` and ``grad_weight = sum g.T @ hidden``.
 
     Args:
@@ -311,7 +333,8 @@ def chunked_linear_cross_entropy(
         epsilon, ignore_index, smoothing, reduction: as in
             :func:`fused_label_smoothed_cross_entropy`.
         bias (Tensor, optional): output bias, shape (V,). Default: None
-        chunk_size (int, optional): rows per chunk. Default: about 16 MiB of float32 logits.
+        chunk_size (int, optional): rows per chunk, i.e. of the one (C, V) float32 logits
+            buffer. Default: 32 MiB worth (256 rows at V=32000).
     Returns:
         LossOutput(loss, kl, nll, ntokens).
     """
@@ -326,6 +349,6 @@ def chunked_linear_cross_entropy(
         )
     k = weight.size(0)
     tgt, keep, pad = _prepare(target, k, epsilon, ignore_index, smoothing, reduction)
-    rows = _rows_per_chunk(chunk_size, k, LINEAR_CHUNK_BYTES)
+    rows = _rows_per_chunk(chunk_size, tgt.numel(), k, LINEAR_CHUNK_BYTES)
     stats = _LinearRowStats.apply(hidden.reshape(-1, hidden.size(-1)), weight, bias, tgt, pad, rows)
     return _finish(stats, keep, k, epsilon, smoothing, reduction, target.shape)

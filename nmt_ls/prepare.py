@@ -264,6 +264,7 @@ def fetch_html_root(cache_dir: Path, langs: list[str]) -> tuple[Path, list[str]]
 
     Both steps are cached under ``cache_dir``. Returns (html_root, deb file names).
     """
+    cache_dir = Path(cache_dir).resolve()  # the commands below run inside deb_dir
     deb_dir = cache_dir / "debs"
     root = cache_dir / "root"
     deb_dir.mkdir(parents=True, exist_ok=True)

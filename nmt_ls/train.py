@@ -181,6 +181,17 @@ def restore_rng(rng: dict) -> None:
 
 # ---- the loop ---------------------------------------------------------------------------------
 
+class DecoderFeatures(nn.Module):
+    """``model`` without its output layer: (src, tgt_in) -> features (B, T, D)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, src, tgt_in):
+        return self.model.decoder_features(src, tgt_in)
+
+
 def train(cfg: RunConfig, resume: bool = False) -> dict:
     """Train as ``cfg`` says; returns a summary (updates, best metric, paths, minutes).
 
@@ -221,7 +232,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     c = cfg.criterion
     if c.user_module:
         import_user_module(c.user_module)
-    criterion = build_criterion(c.name, padding_idx=tok.pad_id, label_smoothing=c.label_smoothing, smoothing=c.smoothing)
+    if c.path not in ("reference", "fused", "chunked"):
+        raise ValueError(f"criterion.path must be reference, fused or chunked, got {c.path!r}")
+    criterion = build_criterion(c.name, padding_idx=tok.pad_id, label_smoothing=c.label_smoothing, smoothing=c.smoothing,
+                                fused=c.path == "fused")
     optimizer = build_optimizer(model, t.lr, t.betas, t.adam_eps, t.weight_decay)
     scheduler = build_scheduler(optimizer, t.warmup_steps)
     state = {"update": 0, "epoch": 0, "batch_index": 0, "best": None, "bad_validations": 0, "elapsed": 0.0}
@@ -237,7 +251,9 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             log.info("resumed from %s at update %d (epoch %d, batch %d)", last_path, state["update"], state["epoch"], state["batch_index"])
     elif is_main and log_path.exists():
         log_path.unlink()
-    ddp_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    # The chunked path takes decoder features, not logits; DDP must wrap what runs forward.
+    forward_model = DecoderFeatures(model) if c.path == "chunked" else model
+    ddp_model = nn.parallel.DistributedDataParallel(forward_model) if world_size > 1 else forward_model
     writer = tensorboard_writer(out_dir) if is_main else None
     n_params = sum(p.numel() for p in model.parameters())
     if is_main:
@@ -259,8 +275,11 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             with ddp_model.no_sync() if not sync else nullcontext():
                 src, tgt_in, tgt_out = batch.src.to(device), batch.tgt_in.to(device), batch.tgt_out.to(device)
                 with autocast():
-                    logits = ddp_model(src, tgt_in)  # (B, T, V)
-                out = criterion.compute(logits, tgt_out)
+                    outputs = ddp_model(src, tgt_in)  # logits (B, T, V), or features (B, T, D)
+                if c.path == "chunked":
+                    out = criterion.compute_from_features(outputs, model.output_weight, tgt_out)
+                else:
+                    out = criterion.compute(outputs, tgt_out)
                 loss = criterion.training_loss(out)
                 (loss * scale).backward()
             loss_sum += float(loss.detach())

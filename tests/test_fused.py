@@ -43,6 +43,26 @@ def test_fused_matches_reference(smoothing, reduction, eps):
         assert_all_close(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_uniform_equals_torch_cross_entropy(reduction):
+    logits, target = random_batch(28, dtype=torch.float32)
+    flat, tgt = logits.view(-1, 11).requires_grad_(), target.view(-1)
+    ref = F.cross_entropy(flat, tgt, ignore_index=PAD, label_smoothing=0.1, reduction=reduction)
+    ours = fused_label_smoothed_cross_entropy(flat, tgt, 0.1, PAD, "uniform", reduction).loss
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-6)
+    want = torch.autograd.grad(ref.sum(), flat)[0]
+    torch.testing.assert_close(torch.autograd.grad(ours.sum(), flat)[0], want, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_non_contiguous_logits():
+    logits, target = random_batch(29)
+    strided = logits.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # (3, 5, 11)
+    assert not strided.is_contiguous()
+    want, _ = outputs_and_grads(label_smoothed_cross_entropy, [strided], target, 0.1, PAD)
+    got, _ = outputs_and_grads(fused_label_smoothed_cross_entropy, [strided], target, 0.1, PAD)
+    assert_all_close(got, want, atol=1e-10)
+
+
 def test_fused_gradient_is_softmax_minus_q_and_zero_on_pad_rows():
     logits, target = random_batch(21)
     logits.requires_grad_()

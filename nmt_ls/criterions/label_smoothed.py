@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from nmt_ls.criterions import register_criterion
 from nmt_ls.criterions.functional import SMOOTHINGS, LossOutput, label_smoothed_cross_entropy
+from nmt_ls.criterions.fused import chunked_linear_cross_entropy, fused_label_smoothed_cross_entropy
 
 
 def safe_exp(x: float) -> float:
@@ -31,6 +32,8 @@ class LabelSmoothedCrossEntropyCriterion(nn.Module):
         ignore_prefix_size (int): leading target positions left out (e.g. language tags).
         report_accuracy (bool): add ``n_correct``/``total`` to the logging output.
         sentence_avg (bool): normalise by sentences instead of target tokens.
+        fused (bool): compute from logits with the one-pass fused kernel (same values and
+            gradients, one logits-sized buffer instead of about three).
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class LabelSmoothedCrossEntropyCriterion(nn.Module):
         ignore_prefix_size: int = 0,
         report_accuracy: bool = False,
         sentence_avg: bool = False,
+        fused: bool = False,
     ):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -53,15 +57,23 @@ class LabelSmoothedCrossEntropyCriterion(nn.Module):
         self.ignore_prefix_size = ignore_prefix_size
         self.report_accuracy = report_accuracy
         self.sentence_avg = sentence_avg
+        self.fused = fused
 
     def compute(self, logits: Tensor, target: Tensor, reduction: str = "sum") -> LossOutput:
         """Loss terms for decoder outputs ``logits`` (B, T, V) against ``target`` (B, T)."""
         if self.ignore_prefix_size > 0:
             logits = logits[..., self.ignore_prefix_size :, :]
             target = target[..., self.ignore_prefix_size :]
-        return label_smoothed_cross_entropy(
-            logits, target, self.eps, self.padding_idx, self.smoothing, reduction
-        )
+        loss_fn = fused_label_smoothed_cross_entropy if self.fused else label_smoothed_cross_entropy
+        return loss_fn(logits, target, self.eps, self.padding_idx, self.smoothing, reduction)
+
+    def compute_from_features(self, features: Tensor, weight: Tensor, target: Tensor, reduction: str = "sum") -> LossOutput:
+        """Loss terms from decoder features (B, T, D) and the output projection (V, D),
+        chunk by chunk, without materialising the (B, T, V) logits."""
+        if self.ignore_prefix_size > 0:
+            features = features[..., self.ignore_prefix_size :, :]
+            target = target[..., self.ignore_prefix_size :]
+        return chunked_linear_cross_entropy(features, weight, target, self.eps, self.padding_idx, self.smoothing, reduction)
 
     def training_loss(self, out: LossOutput) -> Tensor:
         """The term to backpropagate."""
@@ -122,9 +134,10 @@ class LabelSmoothedKLCriterion(LabelSmoothedCrossEntropyCriterion):
         ignore_prefix_size: int = 0,
         report_accuracy: bool = False,
         sentence_avg: bool = False,
+        fused: bool = False,
     ):
         super().__init__(
-            padding_idx, label_smoothing, smoothing, ignore_prefix_size, report_accuracy, sentence_avg
+            padding_idx, label_smoothing, smoothing, ignore_prefix_size, report_accuracy, sentence_avg, fused
         )
 
     def training_loss(self, out: LossOutput) -> Tensor:

@@ -135,20 +135,44 @@ def token_terms(
     safe_tgt = tgt.masked_fill(~keep, 0)
     lse = x.logsumexp(-1) if not log_probs else x.new_zeros(x.size(0))  # (N,)
     lp_gold = x.gather(-1, safe_tgt[:, None]).squeeze(-1) - lse
+    sum_lp = x.sum(-1) - k * lse if epsilon > 0 else None
+    lp_pad = x[:, ignore_index] - lse if epsilon > 0 and smoothing == "others_no_pad" else None
+    loss, nll = terms_from_row_stats(lp_gold, sum_lp, lp_pad, keep, k, epsilon, smoothing)
+    return loss, nll, keep
+
+
+def terms_from_row_stats(
+    lp_gold: Tensor, sum_lp: Tensor | None, lp_pad: Tensor | None, keep: Tensor, k: int, epsilon: float, smoothing: str
+) -> tuple[Tensor, Tensor]:
+    """Per-token (loss, nll), zero where ``keep`` is False, from three numbers per row: the
+    gold log-prob, the sum of all log-probs and the pad log-prob (the last two unused when
+    ``epsilon`` is 0, the pad one unless ``others_no_pad``). All tensors have shape (N,)."""
     nll = -lp_gold
     if epsilon == 0.0:
         loss = nll
+    elif smoothing == "uniform":
+        loss = (1 - epsilon) * nll - (epsilon / k) * sum_lp
+    elif smoothing == "others":
+        loss = (1 - epsilon) * nll - (epsilon / (k - 1)) * (sum_lp - lp_gold)
     else:
-        sum_lp = x.sum(-1) - k * lse
-        if smoothing == "uniform":
-            loss = (1 - epsilon) * nll - (epsilon / k) * sum_lp
-        elif smoothing == "others":
-            loss = (1 - epsilon) * nll - (epsilon / (k - 1)) * (sum_lp - lp_gold)
-        else:
-            lp_pad = x[:, ignore_index] - lse
-            loss = (1 - epsilon) * nll - (epsilon / (k - 2)) * (sum_lp - lp_gold - lp_pad)
+        loss = (1 - epsilon) * nll - (epsilon / (k - 2)) * (sum_lp - lp_gold - lp_pad)
     zero = loss.new_zeros(())
-    return torch.where(keep, loss, zero), torch.where(keep, nll, zero), keep
+    return torch.where(keep, loss, zero), torch.where(keep, nll, zero)
+
+
+def loss_output(
+    loss: Tensor, nll: Tensor, keep: Tensor, k: int, epsilon: float, smoothing: str, reduction: str, shape: torch.Size
+) -> LossOutput:
+    """Add the KL form (``loss - H(q)`` on kept tokens) and reduce all three terms."""
+    ntokens = int(keep.sum())
+    h = smoothed_target_entropy(epsilon, k, smoothing) if epsilon > 0 else 0.0
+    kl = loss - h * keep.to(loss.dtype)
+    return LossOutput(
+        loss=reduce_terms(loss, reduction, shape, ntokens),
+        kl=reduce_terms(kl, reduction, shape, ntokens),
+        nll=reduce_terms(nll, reduction, shape, ntokens),
+        ntokens=ntokens,
+    )
 
 
 def reduce_terms(terms: Tensor, reduction: str, target_shape: torch.Size, ntokens: int) -> Tensor:
@@ -201,15 +225,7 @@ def label_smoothed_cross_entropy(
         1.366915
     """
     loss, nll, keep = token_terms(input, target, epsilon, ignore_index, smoothing, log_probs)
-    ntokens = int(keep.sum())
-    h = smoothed_target_entropy(epsilon, input.size(-1), smoothing) if epsilon > 0 else 0.0
-    kl = loss - h * keep.to(loss.dtype)
-    return LossOutput(
-        loss=reduce_terms(loss, reduction, target.shape, ntokens),
-        kl=reduce_terms(kl, reduction, target.shape, ntokens),
-        nll=reduce_terms(nll, reduction, target.shape, ntokens),
-        ntokens=ntokens,
-    )
+    return loss_output(loss, nll, keep, input.size(-1), epsilon, smoothing, reduction, target.shape)
 
 
 def label_smoothed_nll_loss(

@@ -35,8 +35,8 @@ from nmt_ls.criterions.functional import (
     LossOutput,
     check_args,
     check_target,
-    reduce_terms,
-    smoothed_target_entropy,
+    loss_output,
+    terms_from_row_stats,
 )
 
 CHUNK_BYTES = 16 << 20  # float32 scratch per chunk, fused path, half-precision logits only
@@ -239,26 +239,8 @@ def _finish(stats, keep: Tensor, k: int, epsilon: float, smoothing: str, reducti
     """The reference's per-token formulas (``token_terms``) on the row statistics, then the KL
     and the reduction."""
     sum_lp, lp_gold, lp_pad = stats
-    nll = -lp_gold  # (N,)
-    if epsilon == 0.0:
-        loss = nll
-    elif smoothing == "uniform":
-        loss = (1 - epsilon) * nll - (epsilon / k) * sum_lp
-    elif smoothing == "others":
-        loss = (1 - epsilon) * nll - (epsilon / (k - 1)) * (sum_lp - lp_gold)
-    else:
-        loss = (1 - epsilon) * nll - (epsilon / (k - 2)) * (sum_lp - lp_gold - lp_pad)
-    zero = loss.new_zeros(())
-    loss, nll = torch.where(keep, loss, zero), torch.where(keep, nll, zero)
-    ntokens = int(keep.sum())
-    h = smoothed_target_entropy(epsilon, k, smoothing) if epsilon > 0 else 0.0
-    kl = loss - h * keep.to(loss.dtype)
-    return LossOutput(
-        loss=reduce_terms(loss, reduction, shape, ntokens),
-        kl=reduce_terms(kl, reduction, shape, ntokens),
-        nll=reduce_terms(nll, reduction, shape, ntokens),
-        ntokens=ntokens,
-    )
+    loss, nll = terms_from_row_stats(lp_gold, sum_lp, lp_pad, keep, k, epsilon, smoothing)
+    return loss_output(loss, nll, keep, k, epsilon, smoothing, reduction, shape)
 
 
 def fused_label_smoothed_cross_entropy(

@@ -1,0 +1,92 @@
+"""The commands a user types: translate, score, plot, average; and the fused/chunked training paths."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import sacrebleu
+import torch
+
+from nmt_ls import checkpoint
+from nmt_ls.__main__ import main
+from nmt_ls.config import load_recipe
+from nmt_ls.train import train
+
+ROOT = Path(__file__).parent.parent
+FIXTURE = ROOT / "tests" / "data" / "lohelp_en_de"
+RECIPE = str(ROOT / "recipes" / "smoke.yaml")
+
+
+def overrides(out_dir, *extra):
+    return [f"out_dir={str(out_dir)!r}", f"data.dir={str(FIXTURE)!r}", "data.valid_bleu_sentences=5",
+            "tokenizer.vocab_size=500", "train.num_threads=1", "model.dropout=0.0", *extra]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", RECIPE, *overrides(out, "train.max_updates=8", "train.save_every_updates=4",
+                                             "train.validate_every_updates=4")]) == 0
+    return out
+
+
+def test_translate_file_and_stdin(run_dir, tmp_path, monkeypatch, capsys):
+    src = tmp_path / "in.en"
+    lines = (FIXTURE / "test.en").read_text().splitlines()[:7]
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.de"
+    assert main(["translate", str(run_dir / "checkpoint_best.pt"), "-i", str(src), "-o", str(out), "--beam", "2"]) == 0
+    hyps = out.read_text().splitlines()
+    assert len(hyps) == 7
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines[:3]) + "\n"))
+    assert main(["translate", str(run_dir / "checkpoint_best.pt"), "--beam", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == hyps[:3]  # batching does not change outputs
+
+
+def test_score_matches_sacrebleu(tmp_path, capsys):
+    hyp, ref, ref2 = tmp_path / "h", tmp_path / "r", tmp_path / "r2"
+    hyp.write_text("the cat sat on the mat\nhello world\n")
+    ref.write_text("the cat sat on a mat\nhello there world\n")
+    ref2.write_text("a cat sat on the mat\nhello world\n")
+    assert main(["score", str(hyp), "--ref", str(ref), str(ref2)]) == 0
+    out = capsys.readouterr().out
+    expected = sacrebleu.corpus_bleu(hyp.read_text().splitlines(), [ref.read_text().splitlines(), ref2.read_text().splitlines()])
+    assert f"BLEU {expected.score:.2f}  nrefs:2|case:mixed|eff:no|tok:13a|smooth:exp|version:" in out
+    assert "chrF " in out and "nrefs:2" in out
+
+
+def test_plot_writes_a_png(run_dir, tmp_path):
+    png = tmp_path / "curves.png"
+    assert main(["plot", str(run_dir / "train_log.jsonl"), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_average_checkpoints(run_dir, tmp_path):
+    a, b = checkpoint.load(run_dir / "checkpoint_last.pt"), checkpoint.load(run_dir / "checkpoint_best.pt")
+    out = tmp_path / "avg.pt"
+    assert main(["average", str(run_dir / "checkpoint_last.pt"), str(run_dir / "checkpoint_best.pt"), "--out", str(out)]) == 0
+    avg = checkpoint.load(out)
+    for k, v in avg["model"].items():
+        torch.testing.assert_close(v, (a["model"][k].double() + b["model"][k].double()).div(2).float())
+    assert "optimizer" not in avg and avg["averaged_from"][0].endswith("checkpoint_last.pt")
+
+
+@pytest.mark.parametrize("path", ["fused", "chunked"])
+def test_fused_and_chunked_paths_train_like_the_reference(tmp_path, path):
+    """Same seed, no dropout: the fused criterion and the chunked output layer give the
+    reference's losses and weights, update for update."""
+    logs, weights = {}, {}
+    for p in ("reference", path):
+        cfg = load_recipe(RECIPE, overrides(tmp_path / p, "train.max_updates=5", "train.log_every_updates=1",
+                                            f"criterion.path={p!r}"))
+        summary = train(cfg)
+        logs[p] = [json.loads(l) for l in Path(summary["log"]).read_text().splitlines() if '"train"' in l]
+        weights[p] = checkpoint.load(summary["checkpoint_last"])["model"]
+    for ra, rb in zip(logs["reference"], logs[path]):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5) and ra["nll_loss"] == pytest.approx(rb["nll_loss"], rel=1e-5)
+        assert ra["gnorm"] == pytest.approx(rb["gnorm"], rel=1e-4)
+        assert math.isclose(rb["ppl"], math.exp(rb["nll_loss"]), rel_tol=1e-12)
+    for k in weights["reference"]:
+        torch.testing.assert_close(weights["reference"][k], weights[path][k], rtol=1e-4, atol=1e-5)

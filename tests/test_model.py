@@ -8,16 +8,6 @@ PAD, BOS, EOS = 0, 2, 3
 V = 50
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from a second thread, and on a busy machine two threads
-    # spin-wait on each other (a 0.1 s test took 10 s at load 5 on 2 cores).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_model(seed=0, **kwargs):
     torch.manual_seed(seed)
     args = dict(d_model=32, n_heads=4, ffn_dim=64, enc_layers=2, dec_layers=2, dropout=0.1, max_positions=64)

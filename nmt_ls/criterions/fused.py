@@ -105,7 +105,7 @@ def _grad_from_probs_(p: Tensor, tgt: Tensor, pad: int | None, grads: list[Tenso
     """
     g_sum, g_gold, g_pad = grads
     c = -(p.size(-1) * g_sum + g_gold + g_pad)  # (C,)
-    torch.addcmul(g_sum[:, None], p, c[:, None], out=p)
+    p.mul_(c[:, None]).add_(g_sum[:, None])  # two passes, yet faster than one addcmul on CPU
     p.scatter_add_(1, tgt[:, None], g_gold[:, None])
     if pad is not None:
         p[:, pad] += g_pad

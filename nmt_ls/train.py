@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -409,13 +410,11 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
 
 
 def load_for_inference(path: str | Path, device: torch.device | str = "cpu"):
-    """(model, tokenizer, config dict) from a checkpoint; the sentencepiece model is unpacked
-    next to it if missing."""
+    """(model, tokenizer, config dict) from a checkpoint alone: the sentencepiece model it
+    carries is unpacked to a temporary folder (never a stale spm.model lying beside it)."""
     ckpt = checkpoint.load(path, map_location=device)
-    spm_path = Path(path).with_name("spm.model")
-    if not spm_path.exists():
-        checkpoint.tensor_to_spm(ckpt["spm"], spm_path)
-    tok = Tokenizer(spm_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Tokenizer(checkpoint.tensor_to_spm(ckpt["spm"], Path(tmp) / "spm.model"))
     model = build_model(tok.vocab_size, tok.pad_id, **ckpt["config"]["model"]).to(device)
     model.load_state_dict(ckpt["model"])
     model.eval()

@@ -75,6 +75,8 @@ class TrainConfig:
     update_freq: int = 1  # batches accumulated per update
     lr: float = 1e-3
     warmup_steps: int = 1000
+    lr_scheduler: str = "inverse_sqrt"  # inverse_sqrt | linear | cosine (decay to end_lr at max_updates)
+    end_lr: float = 0.0  # lr reached at max_updates by the linear and cosine schedules
     betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-8
     weight_decay: float = 0.0

@@ -34,7 +34,7 @@ from nmt_ls.criterions import build_criterion, import_user_module, reduce_metric
 from nmt_ls.data import read_pairs
 from nmt_ls.evaluate import corpus_bleu, translate, validation_loss
 from nmt_ls.model import build_model
-from nmt_ls.optim import build_optimizer, build_scheduler
+from nmt_ls.optim import build_optimizer, build_scheduler, check_schedule
 from nmt_ls.tokenizer import Tokenizer, train_spm
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     if the run had never stopped.
     """
     t = cfg.train
+    check_schedule(t.lr_scheduler, t.max_updates, t.lr, t.end_lr)  # before any data work
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
     device = resolve_device(t.device)
@@ -238,7 +239,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     criterion = build_criterion(c.name, padding_idx=tok.pad_id, label_smoothing=c.label_smoothing, smoothing=c.smoothing,
                                 fused=c.path == "fused")
     optimizer = build_optimizer(model, t.lr, t.betas, t.adam_eps, t.weight_decay)
-    scheduler = build_scheduler(optimizer, t.warmup_steps)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, t.lr_scheduler, t.max_updates, t.end_lr)
     state = {"update": 0, "epoch": 0, "batch_index": 0, "best": None, "bad_validations": 0, "elapsed": 0.0}
     if resume and last_path.exists():
         ckpt = checkpoint.load(last_path, map_location=device)

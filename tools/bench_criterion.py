@@ -182,7 +182,9 @@ def worker(args) -> dict:
 
 def run_case(case: str, vocab: int, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--case", case, "--vocab", str(vocab)]
-    for name in ("tokens", "dim", "dtype", "threads", "eps", "pad", "pad_frac", "smoothing", "repeat", "warmup", "device"):
+    names = ("tokens", "dim", "dtype", "threads", "eps", "pad", "pad_frac", "smoothing", "repeat",
+             "warmup", "device")
+    for name in names:
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1") if args.thp else None
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
@@ -221,7 +223,8 @@ def main(argv=None) -> None:
     print(f"N={args.tokens} D={args.dim} {args.dtype} threads={args.threads} device={args.device} "
           f"eps={args.eps} pad_frac={args.pad_frac} smoothing(d,e,f)={args.smoothing} "
           f"thp={args.thp} repeat={args.repeat} rounds={args.rounds} (median); load average {os.getloadavg()[0]:.1f}")
-    head = f"{'V':>6} {'case':>7} {'time s':>8} {'x base':>7} {'peak MB':>8} {'x logits':>8} {'grads MB':>8} {'beyond grads':>12}"
+    head = (f"{'V':>6} {'case':>7} {'time s':>8} {'x base':>7} {'peak MB':>8} {'x logits':>8} "
+            f"{'grads MB':>8} {'beyond grads':>12}")
     print(head)
     print("-" * len(head))
     for vocab in vocabs:

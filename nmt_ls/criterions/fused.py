@@ -48,12 +48,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _rows_per_chunk(chunk_size: int | None, n: int, k: int, budget: int | None) -> int:
-    """``chunk_size`` if given, else as many rows as fit ``budget`` bytes (all if None)."""
+    """``chunk_size`` if given; else all rows if ``budget`` is None, else as many rows as fit
+    ``budget`` bytes of float32 but at most 1/16 of them (a chunk stays <= 1/16 of the logits)."""
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
         return chunk_size
-    return max(1, n if budget is None else budget // (4 * k))
+    if budget is None:
+        return max(1, n)
+    return max(1, min(budget // (4 * k), -(-n // 16)))
 
 
 def _stats_and_probs(x: Tensor, tgt: Tensor, pad: int | None, probs: Tensor, out: list[Tensor]) -> None:
@@ -131,7 +134,9 @@ class _RowStats(torch.autograd.Function):
         n, k = logits.shape
         cdt = _compute_dtype(logits.dtype)
         stats = _new_stats(n, cdt, logits.device)
-        probs = torch.empty_like(logits, memory_format=torch.contiguous_format) if keep_probs else None  # (N, V)
+        probs = None  # (N, V): the softmax, to become the gradient
+        if keep_probs:
+            probs = torch.empty_like(logits, memory_format=torch.contiguous_format)
         in_place = keep_probs and logits.dtype == cdt  # else one (C, V) float scratch
         scratch = None if in_place else logits.new_empty(min(rows, n), k, dtype=cdt)
         for i in range(0, n, rows):
@@ -173,7 +178,7 @@ class _LinearRowStats(torch.autograd.Function):
     single (C, V) buffer."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, tgt: Tensor, pad: int | None, rows: int):
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, tgt: Tensor, pad, rows: int):
         n, k = hidden.size(0), weight.size(0)
         cdt = _compute_dtype(hidden.dtype)
         w, b = weight.to(cdt), bias.to(cdt) if bias is not None else None
@@ -185,7 +190,9 @@ class _LinearRowStats(torch.autograd.Function):
             x = _linear(hidden[sl].to(cdt), w, b, chunk)
             lse[sl] = _stats_from_logits_(x, tgt[sl], pad, [s[sl] for s in stats])
         ctx.save_for_backward(hidden, weight, bias, tgt, lse)
-        ctx.pad, ctx.rows = pad, rows
+        # backward reuses the chunk buffer: a second one, allocated while the first lingers
+        # in the heap, sometimes doubled the extra memory
+        ctx.pad, ctx.rows, ctx.chunk = pad, rows, chunk
         return tuple(stats)
 
     @staticmethod
@@ -193,13 +200,13 @@ class _LinearRowStats(torch.autograd.Function):
     def backward(ctx, *grads):
         hidden, weight, bias, tgt, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n, k = hidden.size(0), weight.size(0)
+        n = hidden.size(0)
         cdt = _compute_dtype(hidden.dtype)
         w, b = weight.to(cdt), bias.to(cdt) if bias is not None else None
         grad_h = torch.empty(hidden.shape, dtype=cdt, device=hidden.device) if need_h else None  # (N, D)
         grad_w = torch.zeros_like(w) if need_w else None  # (V, D)
         grad_b = torch.zeros_like(b) if need_b else None  # (V,)
-        chunk = hidden.new_empty(min(ctx.rows, n), k, dtype=cdt)  # (C, V)
+        chunk = ctx.chunk  # (C, V)
         for i in range(0, n, ctx.rows):
             sl = slice(i, i + ctx.rows)
             h = hidden[sl].to(cdt)  # (C, D)
@@ -271,8 +278,8 @@ def fused_label_smoothed_cross_entropy(
         reduction (str): ``none`` | ``sum`` | ``mean`` | ``sentence``. Default: ``sum``
         chunk_size (int, optional): rows per chunk. Default: all rows when training on
             float32/float64 logits (the softmax goes straight into the buffer, no scratch);
-            otherwise 16 MiB of float32 scratch per chunk (half-precision logits are upcast
-            chunk by chunk).
+            otherwise 16 MiB of float32 scratch per chunk, at most 1/16 of the rows
+            (half-precision logits are upcast chunk by chunk).
     Returns:
         LossOutput(loss, kl, nll, ntokens), float32 (float64 for float64 logits).
     """
@@ -305,8 +312,9 @@ def chunked_linear_cross_entropy(
 
     Equals ``label_smoothed_cross_entropy(F.linear(hidden, weight, bias), target, ...)`` in
     value and in the gradients of ``hidden``, ``weight`` and ``bias``, but the (N, V) logits
-    never exist: forward keeps four numbers per row (three statistics and the log-sum-exp), and backward recomputes each chunk's
-    logits to form ``grad_hidden = g @ weight`` and ``grad_weight = sum g.T @ hidden``.
+    never exist: forward keeps four numbers per row (three statistics and the log-sum-exp),
+    and backward recomputes each chunk's logits to form ``grad_hidden = g @ weight`` and
+    ``grad_weight = sum g.T @ hidden``.
 
     Args:
         hidden (Tensor): decoder features, shape (..., D), e.g. (B, T, D).
@@ -316,7 +324,8 @@ def chunked_linear_cross_entropy(
             :func:`fused_label_smoothed_cross_entropy`.
         bias (Tensor, optional): output bias, shape (V,). Default: None
         chunk_size (int, optional): rows per chunk, i.e. of the one (C, V) float32 logits
-            buffer. Default: 32 MiB worth (256 rows at V=32000).
+            buffer, kept from forward to backward. Default: 32 MiB worth (262 rows at
+            V=32000), at most 1/16 of the rows.
     Returns:
         LossOutput(loss, kl, nll, ntokens).
     """

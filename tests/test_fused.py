@@ -121,6 +121,26 @@ def test_fused_second_backward_recomputes():
     torch.testing.assert_close(first, second, atol=1e-12, rtol=0)
 
 
+def test_fused_huge_page_buffer_matches_reference(monkeypatch):
+    """Logits of 8 MiB get a buffer marked MADV_HUGEPAGE (on Linux): values and gradients
+    are the reference's, and so they are where madvise is unavailable."""
+    from nmt_ls.criterions import fused
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(256, 8192, generator=g) * 3  # 8 MiB of float32
+    target = torch.randint(0, 8192, (256,), generator=g)
+    target[::7] = PAD
+    args = (target, 0.1, PAD, "others", "sum")
+    want = outputs_and_grads(label_smoothed_cross_entropy, [logits.clone().requires_grad_()], *args)[0]
+    got = outputs_and_grads(fused_label_smoothed_cross_entropy, [logits.clone().requires_grad_()], *args)[0]
+    assert_all_close(got, want, atol=1e-5)
+    monkeypatch.setattr(fused, "_madvise", lambda: None)
+    plain = outputs_and_grads(fused_label_smoothed_cross_entropy, [logits.clone().requires_grad_()], *args)[0]
+    assert_all_close(plain, got, atol=0, rtol=0)
+    buf = fused._empty_huge_like(logits.t())  # any layout in, contiguous out
+    assert buf.shape == (8192, 256) and buf.is_contiguous()
+
+
 def test_fused_all_padding_batch_gives_zero_not_nan():
     logits = torch.randn(2, 3, 5, requires_grad=True)
     target = torch.full((2, 3), PAD)

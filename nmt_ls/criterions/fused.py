@@ -16,7 +16,8 @@ of q is ever built.
 * :func:`fused_label_smoothed_cross_entropy` takes logits (..., V). Forward writes the
   softmax into one buffer shaped like the logits; backward turns that buffer into the
   gradient in place and returns it. Extra memory: that buffer plus one chunk. (A second
-  backward through the same graph recomputes the softmax from the saved logits.)
+  backward through the same graph recomputes the softmax from the saved logits.) On Linux
+  the buffer is marked for transparent huge pages before its first write.
 * :func:`chunked_linear_cross_entropy` takes the decoder features (..., D) and the output
   projection (V, D) and never holds more than one chunk of logits: backward recomputes each
   chunk's logits (one more matmul) and accumulates the features' and the weight's gradients.

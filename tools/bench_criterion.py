@@ -35,9 +35,9 @@ step includes allocating the gradients (first-touch page faults on CPU), as trai
 ``--thp`` makes PyTorch back large tensors with transparent huge pages, which cuts that cost
 for every case. Case e asks for huge pages for its own (N, V) buffer even without ``--thp``
 (``madvise``, see nmt_ls.criterions.fused), so the default run compares it with PyTorch's
-defaults and ``--thp`` compares the arithmetic alone. On a shared machine, ``--rounds R`` runs every case R times, interleaved,
-and reports the median of the R medians (memory: the largest of the R peaks); the load
-average is printed with the table.
+defaults and ``--thp`` compares the arithmetic alone. On a shared machine, ``--rounds R``
+runs every case R times, interleaved, and reports the median of the R medians (memory: the
+largest of the R peaks); the load average is printed with the table.
 """
 from __future__ import annotations
 

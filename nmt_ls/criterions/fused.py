@@ -217,7 +217,8 @@ class _LinearRowStats(torch.autograd.Function):
     single (C, V) buffer."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, tgt: Tensor, pad, rows: int):
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, tgt: Tensor, pad: int | None,
+                rows: int):
         n, k = hidden.size(0), weight.size(0)
         cdt = _compute_dtype(hidden.dtype)
         w, b = weight.to(cdt), bias.to(cdt) if bias is not None else None

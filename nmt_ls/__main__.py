@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from nmt_ls.checkpoint import CheckpointError
+from nmt_ls.prepare import PrepareError
 
 log = logging.getLogger("nmt_ls")
 
@@ -43,38 +44,12 @@ def cmd_train(args) -> dict:
     return train(cfg, resume=args.resume)
 
 
-def test_bleu(checkpoint: str | Path, cfg_dict: dict, out_dir: Path, num_threads: int = 0) -> dict:
-    """Translate the test split with beam search (and greedy), write hypotheses, score them."""
-    import torch
-
-    from nmt_ls.data import read_pairs
-    from nmt_ls.evaluate import corpus_bleu, corpus_chrf, translate
-    from nmt_ls.train import load_for_inference
-
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
-    d, e = cfg_dict["data"], cfg_dict["eval"]
-    source = d["hub_name"] if d["corpus"] == "hub" else d["dir"]
-    src, ref = read_pairs(source, d["src_lang"], d["tgt_lang"], split=d["test_split"], config=d["hub_config"])
-    model, tok, _ = load_for_inference(checkpoint)
-    result = {"checkpoint": str(checkpoint), "sentences": len(src)}
-    for name, beam in (("greedy", 1), ("beam", e["beam_size"])):
-        start = time.time()
-        hyps = translate(model, tok, src, beam_size=beam, len_penalty=e["len_penalty"], max_len_a=e["max_len_a"],
-                         max_len_b=e["max_len_b"], max_tokens=e["max_tokens"], progress=True)
-        (out_dir / f"test.{name}.{d['tgt_lang']}").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-        bleu, sig = corpus_bleu(hyps, ref)
-        chrf, chrf_sig = corpus_chrf(hyps, ref)
-        result[name] = {"beam_size": beam, "bleu": bleu, "bleu_signature": sig, "chrf": chrf, "chrf_signature": chrf_sig,
-                        "seconds": time.time() - start}
-        log.info("test %s (beam %d): BLEU %.2f  %s | chrF %.2f", name, beam, bleu, sig, chrf)
-    (out_dir / "test_scores.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    return result
-
-
 def cmd_run(args) -> int:
     """The main job: prepare the data, train, score the test split, plot the curves."""
     from nmt_ls.config import load_recipe, to_dict
+    from nmt_ls.data import load_splits
+    from nmt_ls.distributed import resolve_device
+    from nmt_ls.inference import score_test_split
     from nmt_ls.plot import plot_log
     from nmt_ls.train import train
 
@@ -83,7 +58,9 @@ def cmd_run(args) -> int:
     out_dir = Path(cfg.out_dir)
     _setup_logging(out_dir)
     summary = train(cfg, resume=args.resume)
-    scores = test_bleu(summary["checkpoint_best"], to_dict(cfg), out_dir, cfg.train.num_threads)
+    test = load_splits(cfg.data, splits=("test",))["test"]
+    scores = score_test_split(summary["checkpoint_best"], [s for s, _ in test], [r for _, r in test], to_dict(cfg.eval),
+                              out_dir, cfg.data.tgt_lang, resolve_device(cfg.train.device))
     png = plot_log(summary["log"], out_dir / "curves.png")
     minutes = (time.time() - start) / 60
     (out_dir / "summary.json").write_text(json.dumps({"train": summary, "test": scores, "total_minutes": minutes}, indent=2),
@@ -100,25 +77,20 @@ def cmd_run(args) -> int:
 
 
 def cmd_translate(args) -> int:
-    import torch
-
-    from nmt_ls.evaluate import read_lines, translate
-    from nmt_ls.train import load_for_inference
+    from nmt_ls.distributed import resolve_device
+    from nmt_ls.evaluate import read_lines, split_lines, write_lines
+    from nmt_ls.inference import load_for_inference, translate
 
     _setup_logging()
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     model, tok, cfg = load_for_inference(args.checkpoint, device)
-    lines = read_lines(args.input) if args.input != "-" else sys.stdin.read().splitlines()
+    lines = read_lines(args.input) if args.input != "-" else split_lines(sys.stdin.read())
     e = cfg["eval"]
     hyps = translate(model, tok, lines, beam_size=args.beam if args.beam is not None else e["beam_size"],
                      len_penalty=args.len_penalty if args.len_penalty is not None else e["len_penalty"],
                      max_len_a=e["max_len_a"], max_len_b=e["max_len_b"], max_tokens=args.max_tokens or e["max_tokens"],
-                     device=device, progress=sys.stderr.isatty() or args.progress)
-    text = "".join(h + "\n" for h in hyps)
-    if args.output == "-":
-        sys.stdout.write(text)
-    else:
-        Path(args.output).write_text(text, encoding="utf-8")
+                     progress=sys.stderr.isatty() or args.progress)
+    write_lines(sys.stdout if args.output == "-" else args.output, hyps)
     return 0
 
 
@@ -194,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (FileNotFoundError, ValueError, CheckpointError) as e:  # bad input: one clear line, no traceback
+    except (FileNotFoundError, ValueError, CheckpointError, PrepareError) as e:  # bad input: one line, no traceback
         print(f"nmt-ls {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:  # the command's log handlers end with it (main() may be called again, e.g. in tests)

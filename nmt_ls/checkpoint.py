@@ -1,16 +1,25 @@
 """Checkpoints: written atomically (temp file, fsync, rename), read with ``weights_only=True``.
 
 A checkpoint is a dict of tensors and plain Python values only: model, optimizer and
-scheduler state, the update/epoch/batch position, RNG states, the resolved config and the
-sentencepiece model bytes (as a uint8 tensor), so a checkpoint alone can translate.
+scheduler state, the training progress (update, epoch, batch position, ...), every worker's
+RNG states, the resolved config and the sentencepiece model bytes (as a uint8 tensor), so a
+checkpoint alone can translate. It is always read onto the CPU: ``load_state_dict`` moves
+parameters and optimizer state to wherever the model lives, while the RNG states and the
+sentencepiece bytes must stay CPU tensors (``torch.set_rng_state`` and ``.numpy()`` refuse
+anything else).
 """
 from __future__ import annotations
 
+import logging
 import os
+import random
 import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
 
 FORMAT = "nmt_ls/1"
 REQUIRED = ("format", "model", "config", "update")
@@ -43,14 +52,14 @@ def atomic_save(obj, path: str | Path) -> None:
         raise
 
 
-def load(path: str | Path, map_location="cpu") -> dict:
-    """Read a checkpoint with ``weights_only=True`` (no code runs on load); raise
+def load(path: str | Path) -> dict:
+    """Read a checkpoint onto the CPU with ``weights_only=True`` (no code runs on load); raise
     :class:`CheckpointError` naming the file if it is truncated, foreign or not ours."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds here (UnpicklingError, KeyError, RuntimeError, ...)
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated, corrupt or unsafe): {e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or any(k not in ckpt for k in REQUIRED):
@@ -66,8 +75,48 @@ def tensor_to_spm(tensor: torch.Tensor, model_path: str | Path) -> Path:
     """Write the sentencepiece model stored in a checkpoint to ``model_path``."""
     model_path = Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    model_path.write_bytes(tensor.numpy().tobytes())
+    model_path.write_bytes(tensor.cpu().numpy().tobytes())
     return model_path
+
+
+def rng_state() -> dict:
+    """This process's RNG states (torch CPU, Python, and every CUDA device's)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda}
+
+
+def restore_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"].cpu())
+    random.setstate(rng["python"])
+    if rng.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in rng["cuda"]])
+
+
+def training_state(model: nn.Module, optimizer, scheduler, config: dict, spm_path: str | Path, progress: dict,
+                   rngs: list[dict]) -> dict:
+    """Everything ``--resume`` needs, plus what inference needs; ``rngs[r]`` is worker r's."""
+    return {
+        "format": FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "config": config,
+        "spm": spm_to_tensor(spm_path),
+        "rng": rngs,
+        **progress,
+    }
+
+
+def restore_training(ckpt: dict, model: nn.Module, optimizer, scheduler, rank: int, world_size: int) -> None:
+    """Load model, optimizer and scheduler state, and worker ``rank``'s RNG states."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # before nmt_ls 0.2: rank 0's only
+    if len(rngs) != world_size and rank == 0:
+        log.warning("checkpoint saved by %d worker(s), resuming with %d: dropout masks will differ from an "
+                    "uninterrupted run", len(rngs), world_size)
+    restore_rng(rngs[rank % len(rngs)])
 
 
 def average_checkpoints(paths: list[str | Path]) -> dict:

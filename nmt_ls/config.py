@@ -41,7 +41,6 @@ class DataConfig:
 class TokenizerConfig:
     vocab_size: int = 8000
     model_type: str = "unigram"
-    joint: bool = True
 
 
 @dataclass(frozen=True)
@@ -63,8 +62,11 @@ class ModelConfig:
 class CriterionConfig:
     name: str = "label_smoothed_cross_entropy"
     label_smoothing: float = 0.1
-    smoothing: str = "others"
-    path: str = "reference"  # reference | fused | chunked (output layer + loss, no logits)
+    smoothing: str = "others"  # the smoothing distribution: others | uniform | others_no_pad
+    implementation: str = "reference"  # reference | fused (one pass over the logits) | chunked (no logits at all)
+    report_accuracy: bool = False  # token accuracy (argmax == gold) in the train and valid logs
+    sentence_avg: bool = False  # normalise the loss by sentences instead of target tokens
+    ignore_prefix_size: int = 0  # leading target positions left out of the loss (e.g. language tags)
     user_module: str | None = None  # imported before building, for plugin criteria
 
 
@@ -143,6 +145,10 @@ def _coerce(value, tp, key: str):
     return value
 
 
+# Keys that were renamed: using the old one is an error that names the new one.
+RENAMED = {"criterion.path": "criterion.implementation"}
+
+
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
@@ -150,8 +156,11 @@ def from_dict(cls, data: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
+    where = f"{prefix}." if prefix else ""
+    for k in unknown:
+        if where + k in RENAMED:
+            raise ConfigError(f"{where + k} was renamed to {RENAMED[where + k]}")
     if unknown:
-        where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown key(s) {[where + k for k in unknown]}; valid keys: {names}")
     kwargs = {}
     for name, value in data.items():

@@ -294,3 +294,25 @@ def load_parallel(
 
     src, tgt = read_pairs(path, src_lang, tgt_lang, split=split, fmt=fmt, config=config, **filter_kwargs)
     return datasets.Dataset.from_dict({"src": src, "tgt": tgt})
+
+
+def load_splits(d, splits=("train", "valid", "test")) -> dict[str, list[tuple[str, str]]]:
+    """Read train/valid/test pairs as the recipe's data section says (preparing the
+    LibreOffice help corpus first when ``corpus: lohelp_en_de``)."""
+    if d.corpus == "lohelp_en_de":
+        from nmt_ls.prepare import prepare_lohelp
+
+        prepare_lohelp(d.dir, d.src_lang, d.tgt_lang)
+    if d.corpus not in ("lohelp_en_de", "files", "hub"):
+        raise ValueError(f"data.corpus must be lohelp_en_de, files or hub, got {d.corpus!r}")
+    source = d.hub_name if d.corpus == "hub" else d.dir
+    if d.corpus == "hub" and not source:
+        raise ValueError("data.corpus: hub needs data.hub_name")
+    out = {}
+    for name, split in (("train", d.train_split), ("valid", d.valid_split), ("test", d.test_split)):
+        if name not in splits:
+            continue
+        filt = dict(max_len=d.max_len, max_ratio=d.max_ratio) if name == "train" else {}
+        src, tgt = read_pairs(source, d.src_lang, d.tgt_lang, split=split, config=d.hub_config, **filt)
+        out[name] = list(zip(src, tgt))
+    return out

@@ -1,17 +1,10 @@
-"""Translation of many sentences, corpus BLEU/chrF with sacreBLEU, and validation perplexity."""
+"""Corpus metrics with sacreBLEU (BLEU, chrF) and reading/writing line-aligned text files."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
 import sacrebleu
-import torch
-from torch import nn
-from tqdm import tqdm
-
-from nmt_ls.batching import batch_by_tokens, collate
-from nmt_ls.criterions import reduce_metrics
-from nmt_ls.decode import beam_search, greedy_search
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +39,7 @@ def read_lines(path: str | Path) -> list[str]:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise ValueError(f"{path}:{line}: invalid UTF-8") from None
-    return text.splitlines()
+    return split_lines(text)
 
 
 def score_files(hyp_path: str | Path, ref_paths: list[str | Path]) -> dict:
@@ -63,55 +56,20 @@ def score_files(hyp_path: str | Path, ref_paths: list[str | Path]) -> dict:
     return {"bleu": bleu, "bleu_signature": bleu_sig, "chrf": chrf, "chrf_signature": chrf_sig}
 
 
-@torch.no_grad()
-def translate(
-    model: nn.Module,
-    tokenizer,
-    lines: list[str],
-    beam_size: int = 5,
-    len_penalty: float = 1.0,
-    max_len_a: float = 1.2,
-    max_len_b: int = 10,
-    max_tokens: int = 8000,
-    device: torch.device | str = "cpu",
-    progress: bool = False,
-) -> list[str]:
-    """Translate detokenized ``lines``; returns detokenized hypotheses in input order.
-
-    Sentences are sorted by length and batched by ``max_tokens`` source tokens; beam size 1
-    runs greedy search.
-    """
-    was_training = model.training
-    model.eval()
-    max_src = model.max_positions - 1
-    src_ids = [tokenizer.encode(line)[:max_src] + [tokenizer.eos_id] for line in lines]
-    lens = [len(s) for s in src_ids]
-    batches = batch_by_tokens(lens, [0] * len(lens), max_tokens, shuffle=False)
-    hyps: list[str] = [""] * len(lines)
-    for idx in tqdm(batches, desc="translate", disable=not progress, unit="batch"):
-        src = collate([src_ids[i] for i in idx], [[] for _ in idx], idx, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id).src.to(device)
-        kw = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, max_len_a=max_len_a, max_len_b=max_len_b)
-        if beam_size <= 1:
-            out = greedy_search(model, src, **kw)
-        else:
-            out = [nbest[0][0] for nbest in beam_search(model, src, beam_size=beam_size, len_penalty=len_penalty, **kw)]
-        for i, ids in zip(idx, out):
-            hyps[i] = tokenizer.decode(ids)
-    model.train(was_training)
-    return hyps
+def split_lines(text: str) -> list[str]:
+    """Lines split on ``\n`` only (``str.splitlines`` also splits on U+2028, U+0085, \x0c, ...,
+    which would misalign a file with its reference); a final newline ends the last line."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-@torch.no_grad()
-def validation_loss(model: nn.Module, criterion, batches, device) -> dict:
-    """Summed criterion outputs over ``batches`` (a list of :class:`Batch`), reduced: loss,
-    nll_loss and ppl per target token."""
-    was_training = model.training
-    model.eval()
-    logs = []
-    for batch in batches:
-        logits = model(batch.src.to(device), batch.tgt_in.to(device))  # (B, T, V)
-        out = criterion.compute(logits, batch.tgt_out.to(device))
-        logs.append({"loss": float(criterion.training_loss(out)), "nll_loss": float(out.nll), "ntokens": out.ntokens,
-                     "nsentences": batch.src.size(0), "sample_size": out.ntokens})
-    model.train(was_training)
-    return reduce_metrics(logs)
+def write_lines(dest, lines: list[str]) -> None:
+    """One line per entry to a path or an open text stream; a line break inside an entry (a
+    decoded ``<0x0A>`` byte piece) becomes a space, so line i is always entry i."""
+    text = "".join(" ".join(line.splitlines()) + "\n" for line in lines)
+    if hasattr(dest, "write"):
+        dest.write(text)
+    else:
+        Path(dest).write_text(text, encoding="utf-8")

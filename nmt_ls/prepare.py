@@ -247,16 +247,20 @@ def split_pairs(
 # ---------------------------------------------------------------------------
 
 
+class PrepareError(RuntimeError):
+    """The corpus could not be fetched or unpacked (no apt-get, no network, ...)."""
+
+
 def _package(lang: str) -> str:
     return f"libreoffice-help-{PACKAGE_LANG.get(lang, lang.lower())}"
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
     if shutil.which(cmd[0]) is None:
-        raise RuntimeError(f"`{cmd[0]}` not found")
+        raise PrepareError(f"`{cmd[0]}` not found")
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        raise PrepareError(f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
 
 
 def fetch_html_root(cache_dir: Path, langs: list[str]) -> tuple[Path, list[str]]:
@@ -276,8 +280,8 @@ def fetch_html_root(cache_dir: Path, langs: list[str]) -> tuple[Path, list[str]]
             log.info("apt-get download %s", pkg)
             try:
                 _run(["apt-get", "download", pkg], cwd=deb_dir)
-            except RuntimeError as err:
-                raise RuntimeError(
+            except PrepareError as err:
+                raise PrepareError(
                     f"could not download Debian package {pkg!r}: {err}\n"
                     f"Fix one of: (1) run `sudo apt-get update` and retry; "
                     f"(2) fetch it elsewhere, unpack with `dpkg-deb -x {pkg}_*.deb DIR` and pass "
@@ -286,7 +290,7 @@ def fetch_html_root(cache_dir: Path, langs: list[str]) -> tuple[Path, list[str]]
                 ) from err
             found = sorted(deb_dir.glob(f"{pkg}_*.deb"))
             if not found:
-                raise RuntimeError(f"apt-get download {pkg} left no .deb in {deb_dir}")
+                raise PrepareError(f"apt-get download {pkg} left no .deb in {deb_dir}")
         deb = found[-1]
         debs.append(deb.name)
         stamp = root / f".{deb.name}.done"
@@ -406,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             valid_frac=args.valid_frac, test_frac=args.test_frac,
             cache_dir=args.cache_dir, force=args.force,
         )
-    except (RuntimeError, FileNotFoundError, ValueError) as err:
+    except (PrepareError, FileNotFoundError, ValueError) as err:
         log.error("%s", err)
         return 1
     print(json.dumps({k: stats[k] for k in ("total", "train", "valid", "test", "total_s")}))

@@ -1,12 +1,15 @@
 """The training loop, written out: data -> tokenizer -> batches -> model -> criterion -> Adam.
 
-One process trains on CPU or one GPU; under ``torchrun`` each worker trains on its shard of
-the batches with DistributedDataParallel (gloo on CPU, nccl on GPU). The loss of an update
-is the smoothed loss summed over the update's target tokens on *all* workers, divided by
-their global count, so K workers take the same step as one worker on the same batches.
+:func:`train` is the loop; it calls :func:`setup` once, then :func:`train_step` per update,
+:func:`validate_and_save` at epoch ends (and every ``validate_every_updates``), and stops when
+:func:`stop_reason` says so. Under ``torchrun`` each worker trains on its shard of the batches
+with DistributedDataParallel (:mod:`nmt_ls.distributed`). The loss of an update is the smoothed
+loss summed over the update's target tokens on *all* workers, divided by their global count,
+so K workers take the same step as one worker on the same batches.
 
-Files in ``cfg.out_dir``: ``config.yaml``, ``spm.model``, ``train_log.jsonl`` (one JSON
-object per logged update and per validation), ``checkpoint_last.pt``, ``checkpoint_best.pt``.
+Files in ``cfg.out_dir``: ``config.yaml``, ``spm.model`` (+ ``spm.json``, what it was trained
+from), ``train_log.jsonl`` (one JSON object per logged update and per validation),
+``checkpoint_last.pt``, ``checkpoint_best.pt``.
 """
 from __future__ import annotations
 
@@ -16,101 +19,159 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import yaml
 from torch import nn
 from tqdm import tqdm
 
 from nmt_ls import checkpoint
-from nmt_ls.batching import Batch, batch_by_tokens, collate, shard
+from nmt_ls.batching import Batch, batch_by_tokens, collate
 from nmt_ls.config import RunConfig, to_dict
-from nmt_ls.criterions import build_criterion, import_user_module, reduce_metrics
-from nmt_ls.data import read_pairs
-from nmt_ls.evaluate import corpus_bleu, translate, validation_loss
+from nmt_ls.criterions import CRITERIONS, build_criterion, import_user_module, reduce_metrics
+from nmt_ls.data import load_splits
+from nmt_ls.distributed import World, init_world
+from nmt_ls.evaluate import corpus_bleu
+from nmt_ls.inference import translate
 from nmt_ls.model import build_model
 from nmt_ls.optim import build_optimizer, build_scheduler, check_schedule
 from nmt_ls.tokenizer import Tokenizer, train_spm
 
 log = logging.getLogger(__name__)
 
-
-# ---- set-up ---------------------------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but torch sees no CUDA device")
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
+IMPLEMENTATIONS = ("reference", "fused", "chunked")
+BEST_METRICS = ("bleu", "ppl")
+AMP = ("none", "bf16")
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the torchrun process group if there is one; returns (rank, world_size)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint, so ``--resume`` continues exactly."""
+
+    update: int = 0
+    epoch: int = 0  # finished epochs
+    batch_index: int = 0  # this worker's batches of the current epoch already trained on
+    best: float | None = None  # best validation value (BLEU, or -ppl)
+    bad_validations: int = 0  # validations in a row without improvement
+    validated_at: int = -1  # update of the last validation
+    elapsed: float = 0.0  # seconds of training (set-up excluded)
 
 
-def barrier(world_size: int) -> None:
-    if world_size > 1:
-        dist.barrier()
+@dataclass
+class EncodedPairs:
+    """Token ids of a split in memory: ``src`` with eos, ``tgt`` without bos/eos."""
+
+    src: list[list[int]]
+    tgt: list[list[int]]
+    src_lens: list[int] = field(init=False)
+    tgt_lens: list[int] = field(init=False)
+
+    def __post_init__(self):
+        self.src_lens = [len(s) for s in self.src]
+        self.tgt_lens = [len(t) for t in self.tgt]
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def batch(self, idx: list[int], tok: Tokenizer) -> Batch:
+        return collate([self.src[i] for i in idx], [self.tgt[i] for i in idx], idx, tok.pad_id, tok.bos_id, tok.eos_id)
 
 
-def all_reduce_sum(values: list[float], world_size: int, device: torch.device) -> list[float]:
-    """Sum a few numbers across workers (float64, so token counts stay exact)."""
-    if world_size == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+@dataclass
+class Run:
+    """Everything the loop works with, built once by :func:`setup`."""
+
+    cfg: RunConfig
+    world: World
+    tok: Tokenizer
+    model: nn.Module
+    forward_model: nn.Module  # what runs forward: the model (or its features, for chunked), DDP-wrapped
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_data: EncodedPairs
+    valid_batches: list[Batch]
+    bleu_src: list[str]
+    bleu_ref: list[str]
+    progress: Progress
+    writer: object | None = None
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / "train_log.jsonl"
+
+    def autocast(self):
+        enabled = self.cfg.train.amp == "bf16"
+        return torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def load_splits(cfg) -> dict[str, list[tuple[str, str]]]:
-    """Read train/valid/test pairs as the recipe's data section says (preparing the
-    LibreOffice help corpus first when ``corpus: lohelp_en_de``)."""
-    d = cfg.data
-    if d.corpus == "lohelp_en_de":
-        from nmt_ls.prepare import prepare_lohelp
+# ---- set-up -----------------------------------------------------------------------------------
 
-        prepare_lohelp(d.dir, d.src_lang, d.tgt_lang)
-    if d.corpus not in ("lohelp_en_de", "files", "hub"):
-        raise ValueError(f"data.corpus must be lohelp_en_de, files or hub, got {d.corpus!r}")
-    source = d.hub_name if d.corpus == "hub" else d.dir
-    if d.corpus == "hub" and not source:
-        raise ValueError("data.corpus: hub needs data.hub_name")
-    splits = {}
-    for name, split in (("train", d.train_split), ("valid", d.valid_split), ("test", d.test_split)):
-        filt = dict(max_len=d.max_len, max_ratio=d.max_ratio) if name == "train" else {}
-        src, tgt = read_pairs(source, d.src_lang, d.tgt_lang, split=split, config=d.hub_config, **filt)
-        splits[name] = list(zip(src, tgt))
-    return splits
+def check_config(cfg: RunConfig) -> None:
+    """Every option that can be checked before any data work; errors name the recipe key."""
+    t, c = cfg.train, cfg.criterion
+    check_schedule(t.lr_scheduler, t.max_updates, t.lr, t.end_lr)
+    choices = (("criterion.implementation", c.implementation, IMPLEMENTATIONS), ("train.amp", t.amp, AMP),
+               ("train.best_metric", t.best_metric, BEST_METRICS))
+    for key, value, valid in choices:
+        if value not in valid:
+            raise ValueError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
+    for key in ("update_freq", "max_tokens", "log_every_updates", "max_bad_updates"):
+        if getattr(t, key) < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if c.user_module:
+        import_user_module(c.user_module)
+    if c.name not in CRITERIONS:
+        raise ValueError(f"criterion.name: unknown criterion {c.name!r}; registered: {sorted(CRITERIONS)}")
+    build_criterion(**criterion_kwargs(cfg, pad_id=0))  # checks label_smoothing and smoothing
 
 
-def get_tokenizer(cfg: RunConfig, train_pairs, rank: int, world_size: int) -> Tokenizer:
-    """The run's sentencepiece model: trained on the train split once, then reused."""
-    path = Path(cfg.out_dir) / "spm.model"
-    if rank == 0 and not path.exists():
-        t = cfg.tokenizer
-        train_spm([s for s, _ in train_pairs] + [t_ for _, t_ in train_pairs], path.with_suffix(""),
-                  t.vocab_size, model_type=t.model_type)
-    barrier(world_size)
+def criterion_kwargs(cfg: RunConfig, pad_id: int) -> dict:
+    c = cfg.criterion
+    return dict(name=c.name, pad_id=pad_id, label_smoothing=c.label_smoothing, smoothing=c.smoothing,
+                ignore_prefix_size=c.ignore_prefix_size, report_accuracy=c.report_accuracy,
+                sentence_avg=c.sentence_avg, fused=c.implementation == "fused")
+
+
+def tokenizer_spec(cfg: RunConfig) -> dict:
+    """What ``spm.model`` is trained from: the tokenizer options and the training data."""
+    data = {k: v for k, v in to_dict(cfg.data).items() if k != "valid_bleu_sentences"}
+    return {"tokenizer": to_dict(cfg.tokenizer), "data": data}
+
+
+def load_tokenizer(cfg: RunConfig, train_pairs, world: World, ckpt: dict | None) -> Tokenizer:
+    """The run's sentencepiece model: the checkpoint's when resuming; else ``spm.model`` in
+    ``out_dir`` if it was trained from the same options and data, else newly trained."""
+    path, spec_path = Path(cfg.out_dir) / "spm.model", Path(cfg.out_dir) / "spm.json"
+    spec = tokenizer_spec(cfg)
+    if world.is_main and ckpt is not None:
+        if ckpt["config"]["tokenizer"] != spec["tokenizer"]:
+            raise ValueError(f"--resume: the recipe's tokenizer {spec['tokenizer']} differs from the checkpoint's "
+                             f"{ckpt['config']['tokenizer']}; resume with the same recipe or start a new out_dir")
+        checkpoint.tensor_to_spm(ckpt["spm"], path)
+        spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    elif world.is_main:
+        old = json.loads(spec_path.read_text(encoding="utf-8")) if spec_path.exists() and path.exists() else None
+        if old != spec:
+            if path.exists():
+                log.info("retraining %s: it was trained from %s, the recipe asks for %s", path, old, spec)
+            t = cfg.tokenizer
+            train_spm([s for s, _ in train_pairs] + [t_ for _, t_ in train_pairs], path.with_suffix(""),
+                      t.vocab_size, model_type=t.model_type)
+            spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    world.barrier()
     return Tokenizer(path)
 
 
-def encode_pairs(tok: Tokenizer, pairs, max_positions: int) -> tuple[list[list[int]], list[list[int]]]:
+def encode_pairs(tok: Tokenizer, pairs, max_positions: int) -> EncodedPairs:
     """Subword ids with eos appended on the source (and added by ``collate`` on the target);
     pairs longer than the model's positions are dropped."""
     src = tok.encode_batch([s for s, _ in pairs])
@@ -118,15 +179,70 @@ def encode_pairs(tok: Tokenizer, pairs, max_positions: int) -> tuple[list[list[i
     keep = [i for i in range(len(pairs)) if len(src[i]) + 1 <= max_positions and len(tgt[i]) + 1 <= max_positions]
     if len(keep) < len(pairs):
         log.info("dropped %d pairs longer than max_positions=%d", len(pairs) - len(keep), max_positions)
-    return [src[i] + [tok.eos_id] for i in keep], [tgt[i] for i in keep]
+    return EncodedPairs([src[i] + [tok.eos_id] for i in keep], [tgt[i] for i in keep])
 
 
-def make_batches(tok: Tokenizer, src, tgt, max_tokens: int, seed: int, epoch: int, shuffle: bool) -> list[list[int]]:
-    return batch_by_tokens([len(s) for s in src], [len(t) for t in tgt], max_tokens, seed=seed, epoch=epoch, shuffle=shuffle)
+class DecoderFeatures(nn.Module):
+    """``model`` without its output layer: (src, tgt_in) -> features (B, T, D)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, src, tgt_in):
+        return self.model.decoder_features(src, tgt_in)
 
 
-def to_batch(tok: Tokenizer, src, tgt, idx: list[int]) -> Batch:
-    return collate([src[i] for i in idx], [tgt[i] for i in idx], idx, tok.pad_id, tok.bos_id, tok.eos_id)
+def setup(cfg: RunConfig, resume: bool) -> Run:
+    """Process group, data, tokenizer, model, criterion, optimizer and schedule; with
+    ``resume``, their states and the progress from ``out_dir/checkpoint_last.pt``."""
+    t = cfg.train
+    if t.num_threads > 0:
+        torch.set_num_threads(t.num_threads)
+    world = init_world(t.device)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last_path = out_dir / "checkpoint_last.pt"
+    ckpt = checkpoint.load(last_path) if resume and last_path.exists() else None
+    if world.is_main:
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    random.seed(t.seed)
+    torch.manual_seed(t.seed)
+
+    splits = world.broadcast(load_splits(cfg.data, ("train", "valid")) if world.is_main else None)
+    tok = load_tokenizer(cfg, splits["train"], world, ckpt)
+    train_data = encode_pairs(tok, splits["train"], cfg.model.max_positions)
+    if not len(train_data):
+        raise ValueError(f"no training pairs left in {cfg.data.dir} after filtering")
+    valid = encode_pairs(tok, splits["valid"], cfg.model.max_positions)
+    valid_batches = [valid.batch(idx, tok) for idx in batch_by_tokens(valid.src_lens, valid.tgt_lens, t.max_tokens,
+                                                                       shuffle=False)]
+    n_bleu = cfg.data.valid_bleu_sentences or len(splits["valid"])
+    bleu_src, bleu_ref = [s for s, _ in splits["valid"][:n_bleu]], [r for _, r in splits["valid"][:n_bleu]]
+
+    model = build_model(tok.vocab_size, tok.pad_id, **dataclasses.asdict(cfg.model)).to(world.device)
+    criterion = build_criterion(**criterion_kwargs(cfg, tok.pad_id))
+    optimizer = build_optimizer(model, t.lr, t.betas, t.adam_eps, t.weight_decay)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, t.lr_scheduler, t.max_updates, t.end_lr)
+    progress = Progress()
+    if ckpt is not None:
+        checkpoint.restore_training(ckpt, model, optimizer, scheduler, world.rank, world.world_size)
+        progress = Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress) if f.name in ckpt})
+        if world.is_main:
+            truncate_log(out_dir / "train_log.jsonl", progress.update)
+            log.info("resumed from %s at update %d (epoch %d, batch %d)", last_path, progress.update, progress.epoch,
+                     progress.batch_index)
+    elif world.is_main and (out_dir / "train_log.jsonl").exists():
+        (out_dir / "train_log.jsonl").unlink()
+    # The chunked path takes decoder features, not logits; DDP must wrap what runs forward.
+    forward_model = world.wrap(DecoderFeatures(model) if cfg.criterion.implementation == "chunked" else model)
+    run = Run(cfg, world, tok, model, forward_model, criterion, optimizer, scheduler, train_data, valid_batches,
+              bleu_src, bleu_ref, progress, tensorboard_writer(out_dir) if world.is_main else None)
+    if world.is_main:
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("model: %.2fM parameters; %d train pairs, %d valid; %d worker(s) on %s", n_params / 1e6,
+                 len(train_data), len(valid), world.world_size, world.device)
+    return run
 
 
 # ---- logging ----------------------------------------------------------------------------------
@@ -154,43 +270,176 @@ def tensorboard_writer(out_dir: Path):
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 
-# ---- checkpoints ------------------------------------------------------------------------------
-
-def save_checkpoint(path: Path, cfg, model, optimizer, scheduler, state: dict, spm_path: Path) -> None:
-    checkpoint.atomic_save(
-        {
-            "format": checkpoint.FORMAT,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "config": to_dict(cfg),
-            "spm": checkpoint.spm_to_tensor(spm_path),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            **state,
-        },
-        path,
-    )
+def write_record(run: Run, record: dict, keys: tuple[str, ...]) -> None:
+    """One line of ``train_log.jsonl`` (and its scalars in TensorBoard); main worker only."""
+    append_jsonl(run.log_path, record)
+    if run.writer:
+        for k in keys:
+            if k in record:
+                run.writer.add_scalar(f"{record['kind']}/{k}", record[k], record["update"])
 
 
-def restore_rng(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if rng.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+def log_train(run: Run, window: list[dict], seconds: float, epoch_fraction: float) -> dict:
+    """Reduce the updates since the last train line into one record and write it."""
+    m = reduce_metrics(window)
+    p = run.progress
+    record = {"kind": "train", "update": p.update, "epoch": p.epoch + epoch_fraction, "loss": m["loss"],
+              "nll_loss": m["nll_loss"], "kl": m["kl"], "ppl": m["ppl"], "lr": window[-1]["lr"],
+              "gnorm": sum(w["gnorm"] for w in window) / len(window), "wps": m["ntokens"] / max(seconds, 1e-9),
+              "wpb": m["ntokens"] / len(window), "bsz": m["nsentences"] / len(window), "elapsed": p.elapsed}
+    if "accuracy" in m:
+        record["accuracy"] = m["accuracy"]
+    write_record(run, record, ("loss", "nll_loss", "kl", "ppl", "accuracy", "lr", "gnorm", "wps"))
+    return record
+
+
+# ---- one update -------------------------------------------------------------------------------
+
+def sample_size(run: Run, batch: Batch) -> float:
+    """The batch's share of the loss's denominator: its target tokens that the criterion
+    counts, or its sentences with ``criterion.sentence_avg``."""
+    c = run.cfg.criterion
+    if c.sentence_avg:
+        return float(batch.src.size(0))
+    return float(batch.tgt_out[:, c.ignore_prefix_size :].ne(run.tok.pad_id).sum())
+
+
+def forward_loss(run: Run, batch: Batch):
+    """Criterion outputs for one batch on the run's device, and the logits (None for chunked)."""
+    with run.autocast():
+        outputs = run.forward_model(batch.src, batch.tgt_in)  # logits (B, T, V), or features (B, T, D)
+    if run.cfg.criterion.implementation == "chunked":
+        return run.criterion.compute_from_features(outputs, run.model.output_weight, batch.tgt_out), None
+    return run.criterion.compute(outputs, batch.tgt_out), outputs
+
+
+def train_step(run: Run, group: list[Batch]) -> dict | None:
+    """Forward/backward over the update's batches, then one optimizer step; None (and no
+    step) when the loss or the gradient is not finite on some worker."""
+    world, t = run.world, run.cfg.train
+    local_size = sum(sample_size(run, b) for b in group)
+    global_size = world.all_reduce_sum([local_size])[0]
+    scale = world.world_size / max(global_size, 1.0)  # DDP averages gradients over workers
+    sums = {"loss": 0.0, "nll_loss": 0.0, "kl": 0.0, "ntokens": 0.0, "nsentences": 0.0, "n_correct": 0.0, "total": 0.0}
+    for i, batch in enumerate(group):
+        sync = i == len(group) - 1 or world.world_size == 1
+        with nullcontext() if sync else run.forward_model.no_sync():
+            batch = batch.to(world.device)
+            out, logits = forward_loss(run, batch)
+            loss = run.criterion.training_loss(out)
+            (loss * scale).backward()
+        sums["loss"] += float(loss.detach())
+        sums["nll_loss"] += float(out.nll.detach())
+        sums["kl"] += float(out.kl.detach())
+        sums["ntokens"] += out.ntokens
+        sums["nsentences"] += batch.src.size(0)
+        if run.criterion.report_accuracy and logits is not None:
+            n_correct, total = run.criterion.accuracy(logits.detach(), batch.tgt_out)
+            sums["n_correct"] += n_correct
+            sums["total"] += total
+    totals = dict(zip(sums, world.all_reduce_sum(list(sums.values()))))
+    gnorm = float(nn.utils.clip_grad_norm_(run.model.parameters(), t.clip_norm if t.clip_norm > 0 else math.inf))
+    if not (math.isfinite(totals["loss"]) and math.isfinite(gnorm)):
+        run.optimizer.zero_grad(set_to_none=True)
+        return None
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if not totals["total"]:  # no accuracy this update
+        del totals["n_correct"], totals["total"]
+    return {**totals, "sample_size": global_size, "gnorm": gnorm, "lr": lr}
+
+
+# ---- validation and checkpoints ---------------------------------------------------------------
+
+@torch.no_grad()
+def validation_loss(run: Run) -> dict:
+    """Criterion outputs summed over the valid batches, reduced per target token."""
+    run.model.eval()
+    logs = []
+    for batch in run.valid_batches:
+        batch = batch.to(run.world.device)
+        logits = run.model(batch.src, batch.tgt_in)  # (B, T, V)
+        out = run.criterion.compute(logits, batch.tgt_out)
+        entry = {"loss": float(run.criterion.training_loss(out)), "nll_loss": float(out.nll), "kl": float(out.kl),
+                 "ntokens": out.ntokens, "nsentences": batch.src.size(0), "sample_size": out.ntokens}
+        if run.criterion.report_accuracy:
+            entry["n_correct"], entry["total"] = run.criterion.accuracy(logits, batch.tgt_out)
+        logs.append(entry)
+    run.model.train()
+    return reduce_metrics(logs)
+
+
+def validate(run: Run) -> dict:
+    """Valid loss, nll, KL, ppl (and accuracy), and greedy BLEU on the first valid pairs."""
+    p, e = run.progress, run.cfg.eval
+    m = validation_loss(run)
+    hyps = translate(run.model, run.tok, run.bleu_src, beam_size=1, max_len_a=e.max_len_a, max_len_b=e.max_len_b,
+                     max_tokens=e.max_tokens)
+    bleu, signature = corpus_bleu(hyps, run.bleu_ref)
+    record = {"kind": "valid", "update": p.update, "epoch": p.epoch, "loss": m["loss"], "nll_loss": m["nll_loss"],
+              "kl": m["kl"], "ppl": m["ppl"], "bleu": bleu, "bleu_signature": signature,
+              "bleu_sentences": len(run.bleu_src), "elapsed": p.elapsed}
+    if "accuracy" in m:
+        record["accuracy"] = m["accuracy"]
+    log.info("valid | epoch %d | update %d | loss %.3f | nll_loss %.3f | ppl %.2f | BLEU %.2f  %s", p.epoch, p.update,
+             m["loss"], m["nll_loss"], m["ppl"], bleu, signature)
+    if run.bleu_src:
+        log.info("example | src: %s | hyp: %s | ref: %s", run.bleu_src[0], hyps[0], run.bleu_ref[0])
+    return record
+
+
+def save(run: Run, name: str) -> None:
+    """Write ``out_dir/name`` atomically (main worker); every worker must call it, since the
+    checkpoint holds every worker's RNG states."""
+    rngs = run.world.gather(checkpoint.rng_state())
+    if run.world.is_main:
+        state = checkpoint.training_state(run.model, run.optimizer, run.scheduler, to_dict(run.cfg),
+                                          run.out_dir / "spm.model", dataclasses.asdict(run.progress), rngs)
+        checkpoint.atomic_save(state, run.out_dir / name)
+
+
+def validate_and_save(run: Run) -> None:
+    """Validate (main worker), track the best value, save best and last (all workers)."""
+    p, world = run.progress, run.world
+    improved = False
+    if world.is_main:
+        record = validate(run)
+        write_record(run, record, ("loss", "nll_loss", "kl", "ppl", "accuracy", "bleu"))
+        value = record["bleu"] if run.cfg.train.best_metric == "bleu" else -record["ppl"]
+        improved = p.best is None or value > p.best
+        p.best = value if improved else p.best
+    p.best, improved = world.broadcast((p.best, improved))
+    p.bad_validations = 0 if improved else p.bad_validations + 1
+    p.validated_at = p.update
+    if improved:
+        save(run, "checkpoint_best.pt")
+    save(run, "checkpoint_last.pt")
 
 
 # ---- the loop ---------------------------------------------------------------------------------
 
-class DecoderFeatures(nn.Module):
-    """``model`` without its output layer: (src, tgt_in) -> features (B, T, D)."""
+def stop_reason(run: Run) -> str | None:
+    """Why training must stop now (the same answer on every worker), or None."""
+    t, p = run.cfg.train, run.progress
+    if t.max_updates > 0 and p.update >= t.max_updates:
+        return f"reached train.max_updates={t.max_updates}"
+    if p.epoch >= t.max_epochs:
+        return f"reached train.max_epochs={t.max_epochs}"
+    if t.patience > 0 and p.bad_validations >= t.patience:
+        return f"early stop: no improvement of {t.best_metric} in {t.patience} validations"
+    if run.world.any(t.max_minutes > 0 and p.elapsed >= 60 * t.max_minutes):
+        return f"reached train.max_minutes={t.max_minutes}"
+    return None
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
 
-    def forward(self, src, tgt_in):
-        return self.model.decoder_features(src, tgt_in)
+def skip_bad_update(run: Run, bad_updates: int) -> None:
+    t = run.cfg.train
+    log.warning("update %d: non-finite loss or gradient, batch skipped (%d in a row)", run.progress.update + 1, bad_updates)
+    if bad_updates >= t.max_bad_updates:
+        raise FloatingPointError(f"{bad_updates} consecutive non-finite updates at update {run.progress.update + 1}; "
+                                 "stopping (lower train.lr?)")
 
 
 def train(cfg: RunConfig, resume: bool = False) -> dict:
@@ -200,223 +449,53 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     same data position, RNG states, optimizer and schedule, so the loss curve continues as
     if the run had never stopped.
     """
-    t = cfg.train
-    check_schedule(t.lr_scheduler, t.max_updates, t.lr, t.end_lr)  # before any data work
-    if t.num_threads > 0:
-        torch.set_num_threads(t.num_threads)
-    device = resolve_device(t.device)
-    rank, world_size = init_distributed(device)
-    is_main = rank == 0
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path, last_path, best_path = out_dir / "train_log.jsonl", out_dir / "checkpoint_last.pt", out_dir / "checkpoint_best.pt"
-    if is_main:
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    random.seed(t.seed)
-    torch.manual_seed(t.seed)
-
-    splits = load_splits(cfg) if is_main or world_size == 1 else None
-    if world_size > 1:  # rank 0 prepares/reads once; the others receive the pairs
-        box = [splits]
-        dist.broadcast_object_list(box, src=0)
-        splits = box[0]
-    tok = get_tokenizer(cfg, splits["train"], rank, world_size)
-    train_src, train_tgt = encode_pairs(tok, splits["train"], cfg.model.max_positions)
-    valid_src, valid_tgt = encode_pairs(tok, splits["valid"], cfg.model.max_positions)
-    if not train_src:
-        raise ValueError(f"no training pairs left in {cfg.data.dir} after filtering")
-    valid_batches = [to_batch(tok, valid_src, valid_tgt, idx) for idx in make_batches(tok, valid_src, valid_tgt, t.max_tokens, 0, 0, False)]
-    n_bleu = cfg.data.valid_bleu_sentences or len(splits["valid"])
-    bleu_src = [s for s, _ in splits["valid"][:n_bleu]]
-    bleu_ref = [r for _, r in splits["valid"][:n_bleu]]
-
-    model = build_model(tok.vocab_size, tok.pad_id, **dataclasses.asdict(cfg.model)).to(device)
-    c = cfg.criterion
-    if c.user_module:
-        import_user_module(c.user_module)
-    if c.path not in ("reference", "fused", "chunked"):
-        raise ValueError(f"criterion.path must be reference, fused or chunked, got {c.path!r}")
-    criterion = build_criterion(c.name, padding_idx=tok.pad_id, label_smoothing=c.label_smoothing, smoothing=c.smoothing,
-                                fused=c.path == "fused")
-    optimizer = build_optimizer(model, t.lr, t.betas, t.adam_eps, t.weight_decay)
-    scheduler = build_scheduler(optimizer, t.warmup_steps, t.lr_scheduler, t.max_updates, t.end_lr)
-    state = {"update": 0, "epoch": 0, "batch_index": 0, "best": None, "bad_validations": 0, "elapsed": 0.0}
-    if resume and last_path.exists():
-        ckpt = checkpoint.load(last_path, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = {k: ckpt[k] for k in state}
-        restore_rng(ckpt["rng"])
-        if is_main:
-            truncate_log(log_path, state["update"])
-            log.info("resumed from %s at update %d (epoch %d, batch %d)", last_path, state["update"], state["epoch"], state["batch_index"])
-    elif is_main and log_path.exists():
-        log_path.unlink()
-    # The chunked path takes decoder features, not logits; DDP must wrap what runs forward.
-    forward_model = DecoderFeatures(model) if c.path == "chunked" else model
-    ddp_model = nn.parallel.DistributedDataParallel(forward_model) if world_size > 1 else forward_model
-    writer = tensorboard_writer(out_dir) if is_main else None
-    n_params = sum(p.numel() for p in model.parameters())
-    if is_main:
-        log.info("model: %.2fM parameters; %d train pairs, %d valid; %d worker(s) on %s", n_params / 1e6, len(train_src), len(valid_src), world_size, device)
-
-    if t.amp not in ("none", "bf16"):
-        raise ValueError(f"train.amp must be 'none' or 'bf16', got {t.amp!r}")
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.amp == "bf16")  # noqa: E731
-
-    def run_update(group: list[Batch]) -> dict | None:
-        """Forward/backward over the update's batches, then one optimizer step."""
-        local_ntokens = sum(b.ntokens for b in group)
-        global_ntokens = all_reduce_sum([float(local_ntokens)], world_size, device)[0]
-        # DDP averages gradients over workers, hence the world_size factor.
-        scale = world_size / max(global_ntokens, 1.0)
-        loss_sum = nll_sum = 0.0
-        for i, batch in enumerate(group):
-            sync = i == len(group) - 1 or world_size == 1
-            with ddp_model.no_sync() if not sync else nullcontext():
-                src, tgt_in, tgt_out = batch.src.to(device), batch.tgt_in.to(device), batch.tgt_out.to(device)
-                with autocast():
-                    outputs = ddp_model(src, tgt_in)  # logits (B, T, V), or features (B, T, D)
-                if c.path == "chunked":
-                    out = criterion.compute_from_features(outputs, model.output_weight, tgt_out)
-                else:
-                    out = criterion.compute(outputs, tgt_out)
-                loss = criterion.training_loss(out)
-                (loss * scale).backward()
-            loss_sum += float(loss.detach())
-            nll_sum += float(out.nll.detach())
-        loss_sum, nll_sum, ntokens, nsentences = all_reduce_sum(
-            [loss_sum, nll_sum, float(local_ntokens), float(sum(b.src.size(0) for b in group))], world_size, device)
-        if not math.isfinite(loss_sum):
-            optimizer.zero_grad(set_to_none=True)
-            return None
-        gnorm = float(nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm if t.clip_norm > 0 else math.inf))
-        if not math.isfinite(gnorm):
-            optimizer.zero_grad(set_to_none=True)
-            return None
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_sum, "nll_loss": nll_sum, "ntokens": ntokens, "nsentences": nsentences, "sample_size": ntokens,
-                "gnorm": gnorm, "lr": lr}
-
-    def validate() -> dict:
-        metrics = validation_loss(model, criterion, valid_batches, device)
-        hyps = translate(model, tok, bleu_src, beam_size=1, max_len_a=cfg.eval.max_len_a, max_len_b=cfg.eval.max_len_b,
-                         max_tokens=cfg.eval.max_tokens, device=device)
-        bleu, signature = corpus_bleu(hyps, bleu_ref)
-        record = {"kind": "valid", "update": state["update"], "epoch": state["epoch"], "loss": metrics["loss"],
-                  "nll_loss": metrics["nll_loss"], "ppl": metrics["ppl"], "bleu": bleu, "bleu_signature": signature,
-                  "bleu_sentences": len(bleu_src), "elapsed": state["elapsed"]}
-        log.info("valid | epoch %d | update %d | loss %.3f | nll_loss %.3f | ppl %.2f | BLEU %.2f  %s",
-                 state["epoch"], state["update"], metrics["loss"], metrics["nll_loss"], metrics["ppl"], bleu, signature)
-        if bleu_src:
-            log.info("example | src: %s | hyp: %s | ref: %s", bleu_src[0], hyps[0], bleu_ref[0])
-        return record
-
-    def improved(record: dict) -> bool:
-        value = record["bleu"] if t.best_metric == "bleu" else -record["ppl"]
-        if state["best"] is None or value > state["best"]:
-            state["best"] = value
-            return True
-        return False
-
-    def validate_and_save() -> bool:
-        """Validate (rank 0), save last/best, and say whether to stop early."""
-        stop = False
-        if is_main:
-            record = validate()
-            append_jsonl(log_path, record)
-            if writer:
-                for k in ("loss", "nll_loss", "ppl", "bleu"):
-                    writer.add_scalar(f"valid/{k}", record[k], state["update"])
-            if improved(record):
-                state["bad_validations"] = 0
-                save_checkpoint(best_path, cfg, model, optimizer, scheduler, state, out_dir / "spm.model")
-            else:
-                state["bad_validations"] += 1
-            save_checkpoint(last_path, cfg, model, optimizer, scheduler, state, out_dir / "spm.model")
-            stop = t.patience > 0 and state["bad_validations"] >= t.patience
-            if stop:
-                log.info("early stop: no improvement of %s in %d validations", t.best_metric, t.patience)
-        return bool(all_reduce_sum([float(stop)], world_size, device)[0])
-
-    start_time = time.time() - state["elapsed"]
-    window: list[dict] = []
-    window_start = time.time()
-    bad_updates = 0
-    validated_at = -1  # update of the last validation
-    done = False
-    model.train()
-    while not done and state["epoch"] < t.max_epochs:
-        epoch_batches = shard(make_batches(tok, train_src, train_tgt, t.max_tokens, t.seed, state["epoch"], True), rank, world_size)
-        bar = tqdm(total=math.ceil(len(epoch_batches) / t.update_freq), initial=state["batch_index"] // t.update_freq,
-                   desc=f"epoch {state['epoch'] + 1}", disable=not is_main, mininterval=2.0, unit="upd", dynamic_ncols=True)
-        while not done and state["batch_index"] < len(epoch_batches):
-            group_idx = epoch_batches[state["batch_index"] : state["batch_index"] + t.update_freq]
-            result = run_update([to_batch(tok, train_src, train_tgt, idx) for idx in group_idx])
-            state["batch_index"] += len(group_idx)
+    check_config(cfg)  # before any data work
+    run = setup(cfg, resume)
+    t, p = cfg.train, run.progress
+    clock = time.time() - p.elapsed
+    window, window_start, bad_updates = [], time.time(), 0
+    run.model.train()
+    while (reason := stop_reason(run)) is None:
+        lens = (run.train_data.src_lens, run.train_data.tgt_lens)
+        batches = run.world.shard(batch_by_tokens(*lens, t.max_tokens, seed=t.seed, epoch=p.epoch, shuffle=True))
+        bar = tqdm(total=math.ceil(len(batches) / t.update_freq), initial=p.batch_index // t.update_freq,
+                   desc=f"epoch {p.epoch + 1}", disable=not run.world.is_main, mininterval=2.0, unit="upd")
+        while p.batch_index < len(batches) and (reason := stop_reason(run)) is None:
+            group = batches[p.batch_index : p.batch_index + t.update_freq]
+            result = train_step(run, [run.train_data.batch(idx, run.tok) for idx in group])
+            p.batch_index += len(group)
+            p.elapsed = time.time() - clock
             bar.update(1)
+            bad_updates = 0 if result else bad_updates + 1
             if result is None:
-                bad_updates += 1
-                log.warning("update %d: non-finite loss or gradient, batch skipped (%d in a row)", state["update"] + 1, bad_updates)
-                if bad_updates >= t.max_bad_updates:
-                    raise FloatingPointError(f"{bad_updates} consecutive non-finite updates at update {state['update'] + 1}; "
-                                             "stopping (lower train.lr?)")
+                skip_bad_update(run, bad_updates)
                 continue
-            bad_updates = 0
-            state["update"] += 1
-            state["elapsed"] = time.time() - start_time
+            p.update += 1
             window.append(result)
-            if is_main and (state["update"] % t.log_every_updates == 0 or state["batch_index"] >= len(epoch_batches)):
-                m = reduce_metrics(window)
-                secs = max(time.time() - window_start, 1e-9)
-                record = {"kind": "train", "update": state["update"], "epoch": state["epoch"] + state["batch_index"] / len(epoch_batches),
-                          "loss": m["loss"], "nll_loss": m["nll_loss"], "ppl": m["ppl"], "lr": result["lr"],
-                          "gnorm": sum(w["gnorm"] for w in window) / len(window), "wps": m["ntokens"] / secs,
-                          "wpb": m["ntokens"] / len(window), "bsz": m["nsentences"] / len(window), "elapsed": state["elapsed"]}
-                append_jsonl(log_path, record)
-                if writer:
-                    for k in ("loss", "nll_loss", "ppl", "lr", "gnorm", "wps"):
-                        writer.add_scalar(f"train/{k}", record[k], state["update"])
-                bar.set_postfix(loss=f"{m['loss']:.3f}", ppl=f"{m['ppl']:.2f}", lr=f"{result['lr']:.1e}", tok_s=f"{record['wps']:.0f}")
+            if run.world.is_main and (p.update % t.log_every_updates == 0 or p.batch_index >= len(batches)):
+                record = log_train(run, window, time.time() - window_start, p.batch_index / len(batches))
+                bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['ppl']:.2f}", lr=f"{record['lr']:.1e}",
+                                tok_s=f"{record['wps']:.0f}")
                 window, window_start = [], time.time()
-            out_of_time = t.max_minutes > 0 and state["elapsed"] >= 60 * t.max_minutes
-            if world_size > 1:  # workers' clocks differ: stop together
-                out_of_time = bool(all_reduce_sum([float(out_of_time)], world_size, device)[0])
-            done = out_of_time or (t.max_updates > 0 and state["update"] >= t.max_updates)
-            if state["batch_index"] >= len(epoch_batches):
-                state["epoch"] += 1
-                state["batch_index"] = 0
-                break  # the epoch-end validation below
-            if t.validate_every_updates and state["update"] % t.validate_every_updates == 0:
-                validated_at = state["update"]
-                done = validate_and_save() or done
-            elif t.save_every_updates and state["update"] % t.save_every_updates == 0 and is_main:
-                save_checkpoint(last_path, cfg, model, optimizer, scheduler, state, out_dir / "spm.model")
+            if t.validate_every_updates and p.update % t.validate_every_updates == 0:
+                validate_and_save(run)
+            elif t.save_every_updates and p.update % t.save_every_updates == 0:
+                save(run, "checkpoint_last.pt")
         bar.close()
-        if validated_at != state["update"]:
-            validated_at = state["update"]
-            done = validate_and_save() or done
-    if writer:
-        writer.close()
-    summary = {"updates": state["update"], "epochs": state["epoch"], "best": state["best"], "best_metric": t.best_metric,
-               "minutes": state["elapsed"] / 60, "log": str(log_path), "checkpoint_best": str(best_path),
-               "checkpoint_last": str(last_path), "params": n_params}
-    if is_main:
-        log.info("training done: %d updates, %.1f minutes, best %s %s", state["update"], summary["minutes"], t.best_metric, state["best"])
+        if p.batch_index >= len(batches):  # the epoch is over, whatever its last update did
+            p.epoch, p.batch_index = p.epoch + 1, 0
+            if p.validated_at != p.update:
+                validate_and_save(run)
+    if p.validated_at != p.update:
+        validate_and_save(run)
+    if run.writer:
+        run.writer.close()
+    out = run.out_dir
+    summary = {"updates": p.update, "epochs": p.epoch, "best": p.best, "best_metric": t.best_metric,
+               "minutes": p.elapsed / 60, "stop_reason": reason, "log": str(run.log_path),
+               "checkpoint_best": str(out / "checkpoint_best.pt"), "checkpoint_last": str(out / "checkpoint_last.pt"),
+               "params": sum(q.numel() for q in run.model.parameters())}
+    if run.world.is_main:
+        log.info("training done (%s): %d updates, %.1f minutes, best %s %s", reason, p.update, summary["minutes"],
+                 t.best_metric, p.best)
     return summary
-
-
-def load_for_inference(path: str | Path, device: torch.device | str = "cpu"):
-    """(model, tokenizer, config dict) from a checkpoint alone: the sentencepiece model it
-    carries is unpacked to a temporary folder (never a stale spm.model lying beside it)."""
-    ckpt = checkpoint.load(path, map_location=device)
-    with tempfile.TemporaryDirectory() as tmp:
-        tok = Tokenizer(checkpoint.tensor_to_spm(ckpt["spm"], Path(tmp) / "spm.model"))
-    model = build_model(tok.vocab_size, tok.pad_id, **ckpt["config"]["model"]).to(device)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    return model, tok, ckpt["config"]

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,3 +13,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+ROOT = Path(__file__).parent.parent
+FIXTURE = ROOT / "tests" / "data" / "lohelp_en_de"
+SMOKE_RECIPE = str(ROOT / "recipes" / "smoke.yaml")
+
+
+def overrides(out_dir, *extra: str) -> list[str]:
+    """Dotted overrides that point the smoke recipe at the fixture corpus and ``out_dir``."""
+    return [f"out_dir={str(out_dir)!r}", f"data.dir={str(FIXTURE)!r}", "data.valid_bleu_sentences=5",
+            "tokenizer.vocab_size=500", "train.num_threads=1", *extra]

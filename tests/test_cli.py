@@ -12,14 +12,14 @@ from nmt_ls.__main__ import main
 from nmt_ls.config import load_recipe
 from nmt_ls.train import train
 
-ROOT = Path(__file__).parent.parent
-FIXTURE = ROOT / "tests" / "data" / "lohelp_en_de"
-RECIPE = str(ROOT / "recipes" / "smoke.yaml")
+from conftest import FIXTURE, SMOKE_RECIPE
+from conftest import overrides as smoke_overrides
+
+RECIPE = SMOKE_RECIPE
 
 
 def overrides(out_dir, *extra):
-    return [f"out_dir={str(out_dir)!r}", f"data.dir={str(FIXTURE)!r}", "data.valid_bleu_sentences=5",
-            "tokenizer.vocab_size=500", "train.num_threads=1", "model.dropout=0.0", *extra]
+    return smoke_overrides(out_dir, "model.dropout=0.0", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_fused_and_chunked_paths_train_like_the_reference(tmp_path, path):
     logs, weights = {}, {}
     for p in ("reference", path):
         cfg = load_recipe(RECIPE, overrides(tmp_path / p, "train.max_updates=5", "train.log_every_updates=1",
-                                            f"criterion.path={p!r}"))
+                                            f"criterion.implementation={p!r}"))
         summary = train(cfg)
         logs[p] = [json.loads(l) for l in Path(summary["log"]).read_text().splitlines() if '"train"' in l]
         weights[p] = checkpoint.load(summary["checkpoint_last"])["model"]

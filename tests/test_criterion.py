@@ -317,34 +317,34 @@ class TinyModel(torch.nn.Module):
 
 def test_registry_builds_by_name_and_rejects_bad_names():
     assert {"label_smoothed_cross_entropy", "label_smoothed_kl"} <= set(CRITERIONS)
-    crit = build_criterion("label_smoothed_cross_entropy", padding_idx=1, label_smoothing=0.1)
+    crit = build_criterion("label_smoothed_cross_entropy", pad_id=1, label_smoothing=0.1)
     assert crit.eps == 0.1 and crit.smoothing == "others"
     with pytest.raises(ValueError, match="unknown criterion 'focal'"):
-        build_criterion("focal", padding_idx=1)
+        build_criterion("focal", pad_id=1)
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['label_smothing'\]"):
-        build_criterion("label_smoothed_cross_entropy", padding_idx=1, label_smothing=0.1)
+        build_criterion("label_smoothed_cross_entropy", pad_id=1, label_smothing=0.1)
     with pytest.raises(ValueError, match="already registered"):
         register_criterion("label_smoothed_kl")(type("Dup", (torch.nn.Module,), {}))
     with pytest.raises(ValueError, match="label_smoothing must be in"):
-        build_criterion("label_smoothed_cross_entropy", padding_idx=1, label_smoothing=1.5)
+        build_criterion("label_smoothed_cross_entropy", pad_id=1, label_smoothing=1.5)
 
 
 def test_user_module_registers_a_plugin(tmp_path, monkeypatch):
     (tmp_path / "my_losses.py").write_text(
         "import torch\nfrom nmt_ls.criterions import register_criterion\n"
         "@register_criterion('my_plugin_loss')\nclass Mine(torch.nn.Module):\n"
-        "    def __init__(self, padding_idx):\n        super().__init__()\n"
+        "    def __init__(self, pad_id):\n        super().__init__()\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     import_user_module("my_losses")
-    assert build_criterion("my_plugin_loss", padding_idx=0).__class__.__name__ == "Mine"
+    assert build_criterion("my_plugin_loss", pad_id=0).__class__.__name__ == "Mine"
     CRITERIONS.pop("my_plugin_loss")
 
 
 @pytest.mark.parametrize("name", ["label_smoothed_cross_entropy", "label_smoothed_kl"])
 def test_criterion_forward_and_metrics(name):
     logits, target = random_batch(12)
-    crit = build_criterion(name, padding_idx=1, label_smoothing=0.1, report_accuracy=True)
+    crit = build_criterion(name, pad_id=1, label_smoothing=0.1, report_accuracy=True)
     sample = {"net_input": {"src": None, "tgt_in": None}, "target": target, "ntokens": int((target != 1).sum()), "nsentences": 3}
     loss, sample_size, log = crit(TinyModel(logits), sample)
     ce, kl, nll = dense_loss(logits, target, 0.1, crit.smoothing, 1)
@@ -361,7 +361,7 @@ def test_criterion_forward_and_metrics(name):
 
 def test_metrics_reduce_by_summing_across_workers():
     logits, target = random_batch(13, b=4)
-    crit = build_criterion("label_smoothed_cross_entropy", padding_idx=1, label_smoothing=0.1, report_accuracy=True)
+    crit = build_criterion("label_smoothed_cross_entropy", pad_id=1, label_smoothing=0.1, report_accuracy=True)
     whole = crit(TinyModel(logits), {"net_input": {}, "target": target})[2]
     parts = [crit(TinyModel(logits[i : i + 2]), {"net_input": {}, "target": target[i : i + 2]})[2] for i in (0, 2)]
     a, b = reduce_metrics([whole]), reduce_metrics(parts)
@@ -372,7 +372,7 @@ def test_metrics_reduce_by_summing_across_workers():
 
 def test_sentence_avg_and_ignore_prefix():
     logits, target = random_batch(14)
-    crit = build_criterion("label_smoothed_cross_entropy", padding_idx=1, label_smoothing=0.1, sentence_avg=True, ignore_prefix_size=1)
+    crit = build_criterion("label_smoothed_cross_entropy", pad_id=1, label_smoothing=0.1, sentence_avg=True, ignore_prefix_size=1)
     loss, sample_size, log = crit(TinyModel(logits), {"net_input": {}, "target": target, "nsentences": 3})
     assert sample_size == 3
     ref = label_smoothed_cross_entropy(logits[:, 1:], target[:, 1:], 0.1, 1).loss

@@ -138,9 +138,9 @@ def test_search_restores_train_mode():
 
 def test_bad_arguments_raise():
     model, src = random_model(0), random_src(0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need 1 <= nbest <= beam_size, got nbest=3, beam_size=2"):
         beam_search(model, src, **SEARCH, beam_size=2, nbest=3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="len_penalty_style must be 'fairseq' or 'gnmt', got 'google'"):
         beam_search(model, src, **SEARCH, len_penalty_style="google")
 
 

@@ -16,14 +16,14 @@ import torch
 
 from nmt_ls import checkpoint
 
-ROOT = Path(__file__).parent.parent
-FIXTURE = ROOT / "tests" / "data" / "lohelp_en_de"
+from conftest import ROOT
+from conftest import overrides as smoke_overrides
+
 
 
 def overrides(out_dir: Path, *extra: str) -> list[str]:
-    return [f"out_dir={str(out_dir)!r}", f"data.dir={str(FIXTURE)!r}", "data.valid_bleu_sentences=5",
-            "tokenizer.vocab_size=500", "model.dropout=0.0", "train.max_updates=4", "train.log_every_updates=1",
-            "train.num_threads=1", "train.device='cpu'", *extra]
+    return smoke_overrides(out_dir, "model.dropout=0.0", "train.max_updates=4", "train.log_every_updates=1",
+                           "train.device='cpu'", *extra)
 
 
 def run(cmd: list[str], timeout=240):
@@ -43,7 +43,8 @@ def test_two_workers_equal_one_worker_with_accumulation(tmp_path):
     recipe = str(ROOT / "recipes" / "smoke.yaml")
     run([sys.executable, "-m", "nmt_ls", "train", recipe, *overrides(one, "train.update_freq=2")])
     two.mkdir()
-    shutil.copy(one / "spm.model", two / "spm.model")  # the same subword model for both runs
+    for name in ("spm.model", "spm.json"):  # the same subword model for both runs
+        shutil.copy(one / name, two / name)
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nmt_ls", "train",
          recipe, *overrides(two)])
     a = [r for r in train_log(one) if r["kind"] == "train"]
@@ -61,3 +62,24 @@ def test_two_workers_equal_one_worker_with_accumulation(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5)
     # only rank 0 writes: one log line per update, no second log or checkpoint
     assert len([r for r in train_log(two) if r["kind"] == "valid"]) == 1
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_two_worker_resume_with_dropout_is_exact(tmp_path):
+    """Every worker's RNG states are saved and restored: dropout masks after a resume are
+    those of the uninterrupted run (before, every rank restored rank 0's)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nmt_ls",
+                "train", str(ROOT / "recipes" / "smoke.yaml")]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    dropout = ("model.dropout=0.3", "train.save_every_updates=2")
+    run([*torchrun, *overrides(full, *dropout)])
+    cut.mkdir()
+    shutil.copy(full / "spm.model", cut / "spm.model")
+    shutil.copy(full / "spm.json", cut / "spm.json")
+    run([*torchrun, *overrides(cut, *dropout, "train.max_updates=2")])
+    run([*torchrun, *overrides(cut, *dropout), "--resume"])
+    a = [r for r in train_log(full) if r["kind"] == "train"]
+    b = [r for r in train_log(cut) if r["kind"] == "train"]
+    assert [r["update"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6), ra["update"]

@@ -180,5 +180,5 @@ def test_build_model_takes_model_config_fields():
     assert len(model.encoder) == 1 and len(model.decoder) == 2
     assert model.pad_id == PAD and model.max_positions == 16
     assert model.decoder[0].ffn[0].out_features == 48
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="positions must be 'sinusoidal' or 'learned', got 'rotary'"):
         build_model(V, PAD, positions="rotary")

@@ -1,6 +1,7 @@
 """Faults and bad input: SIGKILL and resume, bad checkpoints, a malicious pickle, NaN losses,
 and the CLI's one-line errors."""
 import json
+import math
 import os
 import pickle
 import signal
@@ -18,24 +19,23 @@ from nmt_ls.checkpoint import CheckpointError
 from nmt_ls.config import load_recipe
 from nmt_ls.train import train
 
-ROOT = Path(__file__).parent.parent
-FIXTURE = ROOT / "tests" / "data" / "lohelp_en_de"
-RECIPE = str(ROOT / "recipes" / "smoke.yaml")
+from conftest import FIXTURE, ROOT, SMOKE_RECIPE, overrides
+
+RECIPE = SMOKE_RECIPE
 
 
-def overrides(out_dir, *extra):
-    return [f"out_dir={str(out_dir)!r}", f"data.dir={str(FIXTURE)!r}", "data.valid_bleu_sentences=5",
-            "tokenizer.vocab_size=500", "train.num_threads=1", *extra]
+def read_log(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "train_log.jsonl").read_text().splitlines()]
 
 
 def log_updates(out_dir):
-    lines = (Path(out_dir) / "train_log.jsonl").read_text().splitlines()
-    return [json.loads(line)["update"] for line in lines if json.loads(line)["kind"] == "train"]
+    return [r["update"] for r in read_log(out_dir) if r["kind"] == "train"]
 
 
 def test_sigkill_then_resume_loses_only_updates_since_the_checkpoint(tmp_path):
     out = tmp_path / "run"
-    args = overrides(out, "train.max_updates=30", "train.save_every_updates=4", "train.log_every_updates=1")
+    extra = ("train.max_updates=30", "train.save_every_updates=4", "train.log_every_updates=1")
+    args = overrides(out, *extra)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "nmt_ls", "train", RECIPE, *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -55,6 +55,12 @@ def test_sigkill_then_resume_loses_only_updates_since_the_checkpoint(tmp_path):
     summary = train(load_recipe(RECIPE, args), resume=True)
     assert summary["updates"] == 30
     assert log_updates(out) == list(range(1, 31))  # no gap, no duplicate
+    # and the resumed losses are those of a run that was never killed
+    train(load_recipe(RECIPE, overrides(tmp_path / "clean", *extra)))
+    resumed = [r for r in read_log(out) if r["kind"] == "train"]
+    clean = [r for r in read_log(tmp_path / "clean") if r["kind"] == "train"]
+    for a, b in zip(resumed, clean, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), a["update"]
 
 
 def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path):
@@ -93,7 +99,7 @@ def test_malicious_pickle_is_not_executed(tmp_path):
     plain = tmp_path / "evil.pkl"
     plain.write_bytes(pickle.dumps(Exploit(marker)))
     for path in (evil, plain):
-        with pytest.raises(CheckpointError):
+        with pytest.raises(CheckpointError, match="not a readable checkpoint"):
             checkpoint.load(path)
     assert not marker.exists()
 
@@ -127,7 +133,9 @@ def test_nan_loss_is_skipped_and_reported(tmp_path, monkeypatch, caplog):
     summary = train(cfg)
     assert summary["updates"] == 6  # two batches skipped, six good updates
     assert "non-finite loss or gradient, batch skipped (2 in a row)" in caplog.text
-    assert all(r == r for r in log_updates(tmp_path / "run"))
+    train_lines = [r for r in read_log(tmp_path / "run") if r["kind"] == "train"]
+    assert [r["update"] for r in train_lines] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["gnorm"]) for r in train_lines)
 
 
 def test_repeated_nan_losses_stop_training(tmp_path, monkeypatch):
@@ -143,7 +151,7 @@ def test_repeated_nan_losses_stop_training(tmp_path, monkeypatch):
     [
         (["train", "no/such/recipe.yaml"], "recipe not found: no/such/recipe.yaml"),
         (["train", RECIPE, "train.lrr=1"], r"unknown key\(s\) \['train.lrr'\]"),
-        (["train", RECIPE, "criterion.label_smoothing=1.2", "data.dir='/nonexistent/dir'"], "/nonexistent/dir"),
+        (["train", RECIPE, "data.dir='/nonexistent/dir'"], "/nonexistent/dir"),
         (["score", "/nonexistent/hyp.txt", "--ref", "/nonexistent/ref.txt"], "file not found: /nonexistent/hyp.txt"),
     ],
 )

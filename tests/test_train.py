@@ -10,7 +10,8 @@ import torch
 
 from nmt_ls import checkpoint
 from nmt_ls.config import load_recipe
-from nmt_ls.train import load_for_inference, train
+from nmt_ls.inference import load_for_inference
+from nmt_ls.train import train
 
 ROOT = Path(__file__).parent.parent
 FIXTURE = ROOT / "tests" / "data" / "lohelp_en_de"

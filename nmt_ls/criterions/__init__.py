@@ -1,6 +1,6 @@
 """Criterion registry: a dict, a decorator and explicit imports (no folder discovery).
 
-    >>> crit = build_criterion("label_smoothed_cross_entropy", padding_idx=0, label_smoothing=0.1)
+    >>> crit = build_criterion("label_smoothed_cross_entropy", pad_id=0, label_smoothing=0.1)
 
 Plugins: ``import_user_module("my_pkg.losses")`` imports a module whose
 ``@register_criterion("name")`` classes then build by name.

@@ -26,7 +26,7 @@ class LabelSmoothedCrossEntropyCriterion(nn.Module):
     """Smoothed cross-entropy summed over non-pad target tokens (fairseq semantics).
 
     Args:
-        padding_idx (int): target id ignored everywhere (the tokenizer's pad id).
+        pad_id (int): target id ignored everywhere (the tokenizer's pad id).
         label_smoothing (float): epsilon in [0, 1). Default: 0.0
         smoothing (str): ``others`` (fairseq, default), ``uniform`` or ``others_no_pad``.
         ignore_prefix_size (int): leading target positions left out (e.g. language tags).
@@ -38,7 +38,7 @@ class LabelSmoothedCrossEntropyCriterion(nn.Module):
 
     def __init__(
         self,
-        padding_idx: int,
+        pad_id: int,
         label_smoothing: float = 0.0,
         smoothing: str = "others",
         ignore_prefix_size: int = 0,
@@ -51,7 +51,7 @@ class LabelSmoothedCrossEntropyCriterion(nn.Module):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if smoothing not in SMOOTHINGS:
             raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
-        self.padding_idx = padding_idx
+        self.pad_id = pad_id
         self.eps = label_smoothing
         self.smoothing = smoothing
         self.ignore_prefix_size = ignore_prefix_size
@@ -65,7 +65,7 @@ class LabelSmoothedCrossEntropyCriterion(nn.Module):
             logits = logits[..., self.ignore_prefix_size :, :]
             target = target[..., self.ignore_prefix_size :]
         loss_fn = fused_label_smoothed_cross_entropy if self.fused else label_smoothed_cross_entropy
-        return loss_fn(logits, target, self.eps, self.padding_idx, self.smoothing, reduction)
+        return loss_fn(logits, target, self.eps, self.pad_id, self.smoothing, reduction)
 
     def compute_from_features(self, features: Tensor, weight: Tensor, target: Tensor, reduction: str = "sum") -> LossOutput:
         """Loss terms from decoder features (B, T, D) and the output projection (V, D),
@@ -73,7 +73,7 @@ class LabelSmoothedCrossEntropyCriterion(nn.Module):
         if self.ignore_prefix_size > 0:
             features = features[..., self.ignore_prefix_size :, :]
             target = target[..., self.ignore_prefix_size :]
-        return chunked_linear_cross_entropy(features, weight, target, self.eps, self.padding_idx, self.smoothing, reduction)
+        return chunked_linear_cross_entropy(features, weight, target, self.eps, self.pad_id, self.smoothing, reduction)
 
     def training_loss(self, out: LossOutput) -> Tensor:
         """The term to backpropagate."""
@@ -104,7 +104,7 @@ class LabelSmoothedCrossEntropyCriterion(nn.Module):
         if self.ignore_prefix_size > 0:
             logits = logits[..., self.ignore_prefix_size :, :]
             target = target[..., self.ignore_prefix_size :]
-        keep = target.ne(self.padding_idx)
+        keep = target.ne(self.pad_id)
         n_correct = logits.argmax(-1).eq(target).logical_and(keep).sum()
         return int(n_correct), int(keep.sum())
 
@@ -128,7 +128,7 @@ class LabelSmoothedKLCriterion(LabelSmoothedCrossEntropyCriterion):
 
     def __init__(
         self,
-        padding_idx: int,
+        pad_id: int,
         label_smoothing: float = 0.0,
         smoothing: str = "others_no_pad",
         ignore_prefix_size: int = 0,
@@ -137,7 +137,7 @@ class LabelSmoothedKLCriterion(LabelSmoothedCrossEntropyCriterion):
         fused: bool = False,
     ):
         super().__init__(
-            padding_idx, label_smoothing, smoothing, ignore_prefix_size, report_accuracy, sentence_avg, fused
+            pad_id, label_smoothing, smoothing, ignore_prefix_size, report_accuracy, sentence_avg, fused
         )
 
     def training_loss(self, out: LossOutput) -> Tensor:

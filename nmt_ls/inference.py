@@ -1,0 +1,103 @@
+"""Inference from a checkpoint: load it, translate lines of text, score the test split.
+
+    model, tok, cfg = load_for_inference("runs/x/checkpoint_best.pt", device="cuda")
+    hyps = translate(model, tok, ["Click OK."], beam_size=5)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from nmt_ls import checkpoint
+from nmt_ls.batching import batch_by_tokens, collate
+from nmt_ls.decode import beam_search, greedy_search
+from nmt_ls.evaluate import corpus_bleu, corpus_chrf, write_lines
+from nmt_ls.model import build_model
+from nmt_ls.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def load_for_inference(path: str | Path, device: torch.device | str = "cpu"):
+    """(model on ``device`` in eval mode, tokenizer, config dict) from a checkpoint alone: the
+    sentencepiece model it carries is unpacked to a temporary folder (never a stale spm.model
+    lying beside it)."""
+    ckpt = checkpoint.load(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Tokenizer(checkpoint.tensor_to_spm(ckpt["spm"], Path(tmp) / "spm.model"))
+    model = build_model(tok.vocab_size, tok.pad_id, **ckpt["config"]["model"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), tok, ckpt["config"]
+
+
+@torch.no_grad()
+def translate(
+    model: nn.Module,
+    tok: Tokenizer,
+    lines: list[str],
+    beam_size: int = 5,
+    len_penalty: float = 1.0,
+    max_len_a: float = 1.2,
+    max_len_b: int = 10,
+    max_tokens: int = 8000,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Translate detokenized ``lines``; returns detokenized hypotheses in input order.
+
+    Sentences are sorted by length and batched by ``max_tokens`` source tokens; beam size 1
+    runs greedy search. Sources longer than the model's positions are cut (with a warning).
+    ``device`` defaults to the model's.
+    """
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    max_src = model.max_positions - 1
+    src_ids = [tok.encode(line) for line in lines]
+    too_long = sum(len(s) > max_src for s in src_ids)
+    if too_long:
+        log.warning("%d source line(s) longer than %d subwords were cut to fit the model", too_long, max_src)
+    src_ids = [s[:max_src] + [tok.eos_id] for s in src_ids]
+    batches = batch_by_tokens([len(s) for s in src_ids], [0] * len(src_ids), max_tokens, shuffle=False)
+    kw = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, max_len_a=max_len_a, max_len_b=max_len_b)
+    hyps: list[str] = [""] * len(lines)
+    for idx in tqdm(batches, desc="translate", disable=not progress, unit="batch"):
+        src = collate([src_ids[i] for i in idx], [[] for _ in idx], idx, tok.pad_id, tok.bos_id, tok.eos_id).src
+        src = src.to(device)  # (B, S)
+        if beam_size <= 1:
+            out = greedy_search(model, src, **kw)
+        else:
+            out = [nbest[0][0] for nbest in beam_search(model, src, beam_size=beam_size, len_penalty=len_penalty, **kw)]
+        for i, ids in zip(idx, out):
+            hyps[i] = tok.decode(ids)
+    model.train(was_training)
+    return hyps
+
+
+def score_test_split(ckpt_path: str | Path, src: list[str], ref: list[str], eval_cfg: dict, out_dir: Path,
+                     tgt_lang: str, device: torch.device | str = "cpu") -> dict:
+    """Translate the test split greedily and with the recipe's beam, write the hypotheses to
+    ``out_dir/test.{greedy,beam}.{tgt_lang}``, score them (BLEU, chrF with signatures) and
+    write ``out_dir/test_scores.json``."""
+    model, tok, _ = load_for_inference(ckpt_path, device)
+    e = eval_cfg
+    result = {"checkpoint": str(ckpt_path), "sentences": len(src)}
+    for name, beam in (("greedy", 1), ("beam", e["beam_size"])):
+        start = time.time()
+        hyps = translate(model, tok, src, beam_size=beam, len_penalty=e["len_penalty"], max_len_a=e["max_len_a"],
+                         max_len_b=e["max_len_b"], max_tokens=e["max_tokens"], progress=True)
+        write_lines(out_dir / f"test.{name}.{tgt_lang}", hyps)
+        bleu, sig = corpus_bleu(hyps, ref)
+        chrf, chrf_sig = corpus_chrf(hyps, ref)
+        result[name] = {"beam_size": beam, "bleu": bleu, "bleu_signature": sig, "chrf": chrf, "chrf_signature": chrf_sig,
+                        "seconds": time.time() - start}
+        log.info("test %s (beam %d): BLEU %.2f  %s | chrF %.2f", name, beam, bleu, sig, chrf)
+    (out_dir / "test_scores.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result

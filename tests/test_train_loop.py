@@ -1,0 +1,157 @@
+"""The training loop off the tuned path: a NaN at an epoch's end, resuming a finished run or an
+old epoch-end checkpoint, checkpoints on another device, a stale sentencepiece model, and
+options that must fail before any data work. Each test failed before its fix."""
+import json
+import re
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from nmt_ls import checkpoint
+from nmt_ls.__main__ import main
+from nmt_ls.config import load_recipe
+from nmt_ls.inference import load_for_inference
+from nmt_ls.model import build_model
+from nmt_ls.optim import build_optimizer, build_scheduler
+from nmt_ls.train import train
+
+from conftest import ROOT, SMOKE_RECIPE, overrides
+
+# Few, large batches: an epoch of the fixture is a handful of updates.
+FAST = ("train.max_tokens=12000", "train.log_every_updates=1", "model.dropout=0.0")
+
+
+@contextmanager
+def time_limit(seconds: int):
+    """Turn a hang into a failure."""
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"still training after {seconds} s: the loop does not advance")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "train_log.jsonl").read_text().splitlines()]
+
+
+NAN_AT = '''
+from nmt_ls.criterions import register_criterion
+from nmt_ls.criterions.label_smoothed import LabelSmoothedCrossEntropyCriterion
+
+@register_criterion("{name}")
+class NaNAt(LabelSmoothedCrossEntropyCriterion):
+    calls = 0
+    def compute(self, logits, target, reduction="sum"):
+        out = super().compute(logits, target, reduction)
+        if logits.requires_grad:  # training, not validation
+            NaNAt.calls += 1
+            if NaNAt.calls == {bad}:
+                out.loss = out.loss * float("nan")
+        return out
+'''
+
+
+def test_nan_at_the_last_update_of_an_epoch_still_ends_the_epoch(tmp_path, monkeypatch):
+    one_epoch = train(load_recipe(SMOKE_RECIPE, overrides(tmp_path / "probe", *FAST, "train.max_updates=0")))
+    per_epoch = one_epoch["updates"]
+    (tmp_path / "nan_last.py").write_text(NAN_AT.format(name="nan_last", bad=per_epoch))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_recipe(SMOKE_RECIPE, overrides(tmp_path / "run", *FAST, "train.max_updates=0", "train.max_epochs=2",
+                                              "criterion.name=nan_last", "criterion.user_module=nan_last"))
+    with time_limit(120):
+        summary = train(cfg)
+    assert summary["epochs"] == 2
+    assert summary["updates"] == 2 * per_epoch - 1  # one batch skipped
+    valid = [r for r in read_log(tmp_path / "run") if r["kind"] == "valid"]
+    assert [r["epoch"] for r in valid] == [1, 2]
+
+
+def test_resume_from_a_checkpoint_at_the_end_of_an_epoch(tmp_path):
+    """Checkpoints written before the fix could hold batch_index == len(epoch's batches)."""
+    args = overrides(tmp_path / "run", *FAST, "train.max_updates=0")
+    first = train(load_recipe(SMOKE_RECIPE, args))
+    path = Path(first["checkpoint_last"])
+    ckpt = checkpoint.load(path)
+    ckpt.update(epoch=0, batch_index=first["updates"])  # the old layout of an epoch-end checkpoint
+    checkpoint.atomic_save(ckpt, path)
+    with time_limit(120):
+        resumed = train(load_recipe(SMOKE_RECIPE, args + ["train.max_epochs=2"]), resume=True)
+    assert resumed["epochs"] == 2 and resumed["updates"] == 2 * first["updates"]
+
+
+def test_resume_of_a_finished_run_trains_nothing(tmp_path):
+    args = overrides(tmp_path / "run", *FAST, "train.max_updates=3")
+    train(load_recipe(SMOKE_RECIPE, args))
+    before = read_log(tmp_path / "run")
+    summary = train(load_recipe(SMOKE_RECIPE, args), resume=True)
+    assert summary["updates"] == 3
+    assert read_log(tmp_path / "run") == before  # no fourth update, no second validation
+    assert checkpoint.load(summary["checkpoint_last"])["update"] == 3
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+def test_checkpoints_load_for_any_device(tmp_path):
+    """RNG states and sentencepiece bytes stay CPU tensors whatever the model's device
+    (``meta`` stands in for ``cuda`` on a machine without a GPU)."""
+    summary = train(load_recipe(SMOKE_RECIPE, overrides(tmp_path / "run", *FAST, "train.max_updates=2")))
+    model, tok, cfg = load_for_inference(summary["checkpoint_last"], device="meta")
+    assert next(model.parameters()).device.type == "meta"
+    assert tok.decode(tok.encode("Click OK.")) == "Click OK."
+    ckpt = checkpoint.load(summary["checkpoint_last"])
+    model = build_model(tok.vocab_size, tok.pad_id, **cfg["model"]).to("meta")
+    optimizer = build_optimizer(model, 1e-3, (0.9, 0.98), 1e-8, 0.0)
+    scheduler = build_scheduler(optimizer, 10)
+    checkpoint.restore_training(ckpt, model, optimizer, scheduler, rank=0, world_size=1)
+    assert torch.equal(torch.get_rng_state(), ckpt["rng"][0]["torch"])
+
+
+def test_stale_sentencepiece_model_is_retrained(tmp_path):
+    out = tmp_path / "run"
+    train(load_recipe(SMOKE_RECIPE, overrides(out, *FAST, "train.max_updates=1")))
+    assert load_for_inference(out / "checkpoint_last.pt")[1].vocab_size == 500
+    train(load_recipe(SMOKE_RECIPE, overrides(out, *FAST, "train.max_updates=1", "tokenizer.vocab_size=400")))
+    assert load_for_inference(out / "checkpoint_last.pt")[1].vocab_size == 400
+    with pytest.raises(ValueError, match="--resume: the recipe's tokenizer .* differs from the checkpoint's"):
+        train(load_recipe(SMOKE_RECIPE, overrides(out, *FAST, "train.max_updates=2")), resume=True)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("train.update_freq=0", r"train.update_freq must be >= 1, got 0"),
+        ("train.best_metric='BLEU'", r"train.best_metric must be one of bleu, ppl, got 'BLEU'"),
+        ("train.amp='fp8'", r"train.amp must be one of none, bf16, got 'fp8'"),
+        ("criterion.implementation='fast'", r"criterion.implementation must be one of reference, fused, chunked"),
+        ("criterion.smoothing='gaussian'", r"smoothing must be one of .*, got 'gaussian'"),
+        ("criterion.name='focal'", r"criterion.name: unknown criterion 'focal'"),
+        ("criterion.path='fused'", r"criterion.path was renamed to criterion.implementation"),
+    ],
+)
+def test_bad_options_fail_before_any_data_work(tmp_path, capsys, override, match):
+    # The data folder does not exist: an option error must come first.
+    args = overrides(tmp_path / "run", override) + [f"data.dir={str(tmp_path / 'missing')!r}"]
+    assert main(["train", SMOKE_RECIPE, *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert re.search(match, err), err
+    assert not (tmp_path / "run" / "spm.model").exists()
+
+
+def test_prepare_without_apt_get_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get, no dpkg-deb
+    args = [f"out_dir={str(tmp_path / 'run')!r}", "data.corpus='lohelp_en_de'", f"data.dir={str(tmp_path / 'data')!r}"]
+    assert main(["train", str(ROOT / "recipes" / "lohelp_en_de.yaml"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "nmt-ls train: error:" in err and "apt-get" in err

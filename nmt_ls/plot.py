@@ -1,4 +1,4 @@
-"""Training curves from ``train_log.jsonl`` as one PNG: loss, perplexity, BLEU, lr."""
+"""Training curves from ``train_log.jsonl`` as one PNG: loss, perplexity, KL, BLEU, accuracy, lr."""
 from __future__ import annotations
 
 import json
@@ -24,30 +24,43 @@ def read_log(path: str | Path) -> tuple[list[dict], list[dict]]:
     return train, valid
 
 
+def _series(ax, recs: list[dict], key: str, *fmt, **kw) -> None:
+    """Plot ``key`` against the update for the records that have it (older logs may not)."""
+    have = [r for r in recs if key in r]
+    if have:
+        ax.plot([r["update"] for r in have], [r[key] for r in have], *fmt, **kw)
+
+
 def plot_log(log_path: str | Path, png_path: str | Path) -> Path:
-    """Draw a 2x2 figure (train/valid loss, ppl on a log scale, valid BLEU, lr) to ``png_path``."""
+    """Draw a 2x3 figure to ``png_path``: loss and nll, perplexity (log scale), KL form,
+    valid BLEU, token accuracy, learning rate."""
     train, valid = read_log(log_path)
     if not train and not valid:
         raise ValueError(f"{log_path}: no records to plot")
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    (ax_loss, ax_ppl), (ax_bleu, ax_lr) = axes
-    x = lambda recs: [r["update"] for r in recs]
-    ax_loss.plot(x(train), [r["loss"] for r in train], label="train loss (smoothed)", lw=1)
-    ax_loss.plot(x(train), [r["nll_loss"] for r in train], label="train nll", lw=1)
-    ax_loss.plot(x(valid), [r["loss"] for r in valid], "o-", label="valid loss (smoothed)")
-    ax_loss.plot(x(valid), [r["nll_loss"] for r in valid], "s-", label="valid nll")
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    (ax_loss, ax_ppl, ax_kl), (ax_bleu, ax_acc, ax_lr) = axes
+    _series(ax_loss, train, "loss", label="train loss (smoothed)", lw=1)
+    _series(ax_loss, train, "nll_loss", label="train nll", lw=1)
+    _series(ax_loss, valid, "loss", "o-", label="valid loss (smoothed)")
+    _series(ax_loss, valid, "nll_loss", "s-", label="valid nll")
     ax_loss.set(title="loss per target token (nats)", xlabel="update")
-    ax_ppl.plot(x(train), [r["ppl"] for r in train], label="train", lw=1)
-    ax_ppl.plot(x(valid), [r["ppl"] for r in valid], "o-", label="valid")
+    _series(ax_ppl, train, "ppl", label="train", lw=1)
+    _series(ax_ppl, valid, "ppl", "o-", label="valid")
     ax_ppl.set(title="perplexity = exp(nll per token)", xlabel="update", yscale="log")
-    ax_bleu.plot(x(valid), [r["bleu"] for r in valid], "o-", color="C2")
+    _series(ax_kl, train, "kl", label="train", lw=1)
+    _series(ax_kl, valid, "kl", "o-", label="valid")
+    ax_kl.set(title="KL(q || p) per target token (nats)", xlabel="update")
+    _series(ax_bleu, valid, "bleu", "o-", color="C2")
     ax_bleu.set(title="valid BLEU (greedy, sacreBLEU)", xlabel="update")
-    ax_lr.plot(x(train), [r["lr"] for r in train], color="C3")
+    _series(ax_acc, train, "accuracy", label="train", lw=1)
+    _series(ax_acc, valid, "accuracy", "o-", label="valid")
+    ax_acc.set(title="token accuracy (%)", xlabel="update")
+    _series(ax_lr, train, "lr", color="C3")
     ax_lr.set(title="learning rate", xlabel="update")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-    ax_loss.legend(fontsize=8)
-    ax_ppl.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,12 @@ def test_smoke_train_loss_falls_and_logs_ppl_of_nll(smoke_run):
         assert r["ppl"] != pytest.approx(math.exp(r["loss"]), rel=1e-3)  # smoothing is on
     for r in tr:
         assert {"lr", "gnorm", "wps", "wpb", "bsz", "elapsed"} <= set(r)
+    # the KL form is the smoothed loss minus H(q), a constant for fairseq's smoothing: eps/(V-1) off gold
+    eps, v = cfg.criterion.label_smoothing, cfg.tokenizer.vocab_size
+    entropy = -(1 - eps) * math.log(1 - eps) - eps * math.log(eps / (v - 1))
+    for r in records:
+        assert r["loss"] - r["kl"] == pytest.approx(entropy, rel=1e-6)  # float32 sums
+        assert 0.0 < r["accuracy"] < 100.0
     assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in va[-1]["bleu_signature"]
     assert (Path(cfg.out_dir) / "config.yaml").exists()
 

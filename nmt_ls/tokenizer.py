@@ -16,7 +16,6 @@ byte pieces instead of ``<unk>``).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import re
@@ -180,29 +179,3 @@ class Tokenizer:
         if hasattr(batch, "tolist"):
             batch = batch.tolist()
         return [self.decode(ids) for ids in batch]
-
-
-def train_tokenizers(
-    src: Sequence[str],
-    tgt: Sequence[str],
-    out_dir: str | os.PathLike,
-    vocab_size: int,
-    joint: bool = True,
-    src_lang: str = "src",
-    tgt_lang: str = "tgt",
-    **spm_kwargs,
-) -> tuple[Tokenizer, Tokenizer]:
-    """Train tokenizers for a parallel corpus.
-
-    ``joint=True``: one model ``out_dir/spm.model`` on both sides, returned twice.
-    ``joint=False``: ``out_dir/spm.{src_lang}.model`` and ``spm.{tgt_lang}.model``,
-    ``vocab_size`` each.
-    """
-    out = Path(out_dir)
-    if joint:
-        model = train_spm(itertools.chain(src, tgt), out / "spm", vocab_size, **spm_kwargs)
-        tok = Tokenizer(model)
-        return tok, tok
-    src_model = train_spm(iter(src), out / f"spm.{src_lang}", vocab_size, **spm_kwargs)
-    tgt_model = train_spm(iter(tgt), out / f"spm.{tgt_lang}", vocab_size, **spm_kwargs)
-    return Tokenizer(src_model), Tokenizer(tgt_model)

@@ -23,10 +23,13 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    corpus: str = "lohelp_en_de"  # "lohelp_en_de" (prepared offline), "files" (local) or "hub"
-    dir: str = "data/lohelp_en_de"  # prepared/local files: {dir}/{split}.{lang}, .tsv or .jsonl
-    hub_name: str | None = None  # datasets.load_dataset name, with corpus: hub
-    hub_config: str | None = None
+    corpus: str = "lohelp_en_de"  # "files" (local text/tsv/jsonl), "hf" (datasets; "hub" is an alias) or a prepared
+    # corpus from nmt_ls.data.CORPORA ("lohelp_en_de": made offline, then read as files from dir)
+    dir: str = "data/lohelp_en_de"  # files: a folder of {split}.{lang} pairs, {split}.tsv or {split}.jsonl
+    path: str | None = None  # hf: hub name, save_to_disk folder, local data folder, or json | csv | parquet | arrow
+    data_files: dict | None = None  # hf: {split: file or [files]}, as in load_dataset(path, data_files=...)
+    hub_name: str | None = None  # old name of data.path (used when data.path is unset)
+    hub_config: str | None = None  # the hub dataset's configuration (load_dataset's `name`); hub names only
     src_lang: str = "en"
     tgt_lang: str = "de"
     train_split: str = "train"

@@ -1,43 +1,69 @@
 """Parallel text -> (src, tgt) string pairs, validated and length-filtered.
 
-Accepted ``path`` forms (``fmt`` is inferred when None):
+``load_splits(DataConfig)`` gives a recipe's train/valid/test pairs. ``data.corpus`` names
+where they come from:
 
-* ``"text"``: line-aligned plain files. ``data/train`` means ``data/train.en`` +
-  ``data/train.de``; a directory ``data/lohelp_en_de`` means
-  ``data/lohelp_en_de/{split}.en`` + ``.de``.
-* ``"tsv"``: ``x.tsv``, two tab-separated columns ``src<TAB>tgt`` (an optional
-  header line ``en<TAB>de`` is skipped).
-* ``"jsonl"``: ``x.jsonl``, one object per line, ``{"en": .., "de": ..}`` or
-  ``{"translation": {"en": .., "de": ..}}``.
-* ``"hf"``: anything else is handed to ``datasets.load_dataset(path, config,
-  split=split)`` (a hub name, or a local directory of data files); rows carry a
-  ``translation`` column or ``src_lang``/``tgt_lang`` columns. A directory written
-  by ``Dataset.save_to_disk`` is loaded with ``datasets.load_from_disk``.
+* ``files``: a local folder ``data.dir`` holding, per split, ``{split}.{src_lang}`` +
+  ``{split}.{tgt_lang}`` (line-aligned), ``{split}.tsv`` or ``{split}.jsonl`` (read here, so
+  that every error names the file and line), or a folder written by ``save_to_disk``.
+  Never sent to the Hugging Face Hub: a missing folder is a ``FileNotFoundError`` naming it.
+* ``hf`` (alias ``hub``): ``data.path`` as ``datasets`` takes it: a folder written by
+  ``Dataset(Dict).save_to_disk``; a builder (``json``, ``csv``, ``parquet``, ``arrow``) with
+  ``data.data_files = {split: file or [files]}``; a local folder of data files; or a hub
+  name (with ``data.hub_config``). Rows carry a ``translation`` column (``{lang: text}``) or
+  one column per language.
+* a name in ``CORPORA`` (``register_corpus``): a function prepares ``data.dir`` first, which
+  is then read as ``files`` (``lohelp_en_de``: ``nmt_ls.prepare``).
 
-Local files are read line by line (not through ``load_dataset``) so that every
-error names the file and the 1-based line: unequal line counts, invalid UTF-8,
-malformed rows. Lines are split on ``\\n`` only (``str.splitlines`` would also
-split on U+2028, U+0085... and misalign the sides) and stripped of surrounding
-whitespace.
+A hub dataset that cannot be loaded here (hub unreachable and not cached, or a loading script
+that ``datasets`` >= 4 no longer runs) raises ``DatasetUnavailableError`` with one line that
+says what to do. The hub is probed once (an HTTP HEAD, 3 s at most) so that an offline
+machine fails at once instead of after ``huggingface_hub``'s retries (about 25 s a call);
+``HF_HUB_OFFLINE=0`` skips the probe, ``HF_HUB_OFFLINE=1`` skips the hub.
 
-Filtering (``filter_pairs``): empty/whitespace-only sides are dropped or raise
-(``on_empty``); ``max_len`` and ``max_ratio`` count **whitespace tokens**.
+``read_pairs(path, ...)`` reads one split from a file, a text prefix, a folder or a
+``datasets`` source, inferring the format (``infer_format``). Lines are split on ``\\n`` only
+(``str.splitlines`` would also split on U+2028, U+0085... and misalign the sides) and stripped.
+
+Filtering (``filter_pairs``): pairs with an empty side are dropped, kept or raise
+(``on_empty``); ``max_len`` and ``max_ratio`` count **whitespace tokens**. ``load_splits``
+filters the train split only; valid and test keep every pair, an empty side as ``""`` (with
+a warning), so that hypotheses stay line-aligned with the reference files they are scored
+against.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from nmt_ls.config import DataConfig
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("text", "tsv", "jsonl", "hf")
+SPLITS = ("train", "valid", "test")
+# datasets builders that take data.data_files; a path of this name is never a hub name.
+BUILDERS = ("json", "csv", "parquet", "arrow")
+# Suffixes that mark a path as a local file (hub names do not end like this).
+_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
 
 # A row: ("file:line" for error messages, src, tgt).
 Row = tuple[str, str, str]
+# Reads one split: (split name, recipe key naming it) -> (rows, source name for messages).
+SplitReader = Callable[[str, str], tuple[list[Row], str]]
+
+
+class DatasetUnavailableError(FileNotFoundError):
+    """A ``datasets`` source that cannot be loaded on this machine; the message says what to do."""
 
 
 @dataclass
@@ -49,25 +75,27 @@ class FilterReport:
     n_empty: int = 0
     n_too_long: int = 0
     n_bad_ratio: int = 0
+    n_empty_kept: int = 0
 
     @property
     def n_kept(self) -> int:
         return self.n_read - self.n_empty - self.n_too_long - self.n_bad_ratio
 
     def __str__(self) -> str:
+        with_empty = f" ({self.n_empty_kept} with an empty side)" if self.n_empty_kept else ""
         return (
-            f"{self.source}: kept {self.n_kept}/{self.n_read} pairs | dropped: "
+            f"{self.source}: kept {self.n_kept}/{self.n_read} pairs{with_empty} | dropped: "
             f"empty {self.n_empty}, too long {self.n_too_long}, bad ratio {self.n_bad_ratio}"
         )
 
 
 # ---------------------------------------------------------------------------
-# Readers
+# Local readers
 # ---------------------------------------------------------------------------
 
 
-def _read_lines(path: Path) -> list[str]:
-    """UTF-8 lines of ``path``, stripped; error names file and line on bad bytes."""
+def _read_lines(path: Path, strip: bool = True) -> list[str]:
+    """UTF-8 lines of ``path``, stripped (else only of a final ``\\r``); error names file and line on bad bytes."""
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     raw = path.read_bytes()
@@ -77,9 +105,10 @@ def _read_lines(path: Path) -> list[str]:
     lines = []
     for lineno, chunk in enumerate(chunks, start=1):
         try:
-            lines.append(chunk.decode("utf-8").strip())
+            line = chunk.decode("utf-8")
         except UnicodeDecodeError as err:
             raise ValueError(f"{path}:{lineno}: invalid UTF-8 ({err.reason} at byte {err.start} of the line)") from None
+        lines.append(line.strip() if strip else line.removesuffix("\r"))
     return lines
 
 
@@ -96,10 +125,10 @@ def _read_text(prefix: Path, src_lang: str, tgt_lang: str) -> list[Row]:
 
 def _read_tsv(path: Path, src_lang: str, tgt_lang: str) -> list[Row]:
     rows = []
-    for lineno, line in enumerate(_read_lines(path), start=1):
-        if lineno == 1 and line.split("\t") == [src_lang, tgt_lang]:
-            continue  # header
+    for lineno, line in enumerate(_read_lines(path, strip=False), start=1):  # "src\t" has an empty target
         cols = line.split("\t")
+        if lineno == 1 and [c.strip() for c in cols] == [src_lang, tgt_lang]:
+            continue  # header
         if len(cols) != 2:
             raise ValueError(f"{path}:{lineno}: expected 2 tab-separated columns (src, tgt), got {len(cols)}")
         rows.append((f"{path}:{lineno}", cols[0].strip(), cols[1].strip()))
@@ -107,13 +136,14 @@ def _read_tsv(path: Path, src_lang: str, tgt_lang: str) -> list[Row]:
 
 
 def _pair_from_record(record: dict, src_lang: str, tgt_lang: str, where: str) -> tuple[str, str]:
+    """(src, tgt) of a ``{lang: text}`` record, optionally under ``translation``; None reads as ""."""
     obj = record.get("translation", record) if isinstance(record, dict) else None
     if not isinstance(obj, dict) or src_lang not in obj or tgt_lang not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(record).__name__
         raise ValueError(
             f"{where}: expected keys {src_lang!r} and {tgt_lang!r} (optionally under 'translation'), got {keys}"
         )
-    src, tgt = obj[src_lang], obj[tgt_lang]
+    src, tgt = ("" if obj[lang] is None else obj[lang] for lang in (src_lang, tgt_lang))
     if not isinstance(src, str) or not isinstance(tgt, str):
         raise ValueError(f"{where}: {src_lang!r}/{tgt_lang!r} values must be strings")
     return src.strip(), tgt.strip()
@@ -133,63 +163,226 @@ def _read_jsonl(path: Path, src_lang: str, tgt_lang: str) -> list[Row]:
     return rows
 
 
-def _read_hf(name: str, src_lang: str, tgt_lang: str, split: str, config: str | None) -> list[Row]:
-    import datasets
+def _has_text_pair(prefix: Path, src_lang: str, tgt_lang: str) -> bool:
+    return any(prefix.with_name(f"{prefix.name}.{lang}").exists() for lang in (src_lang, tgt_lang))
 
-    local = Path(name)
-    if local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):
-        ds = datasets.load_from_disk(str(local))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[split]
-    else:
-        ds = datasets.load_dataset(name, config, split=split)
-    where = f"{name}[{split}]"
-    return [
-        (f"{where} row {i}", *_pair_from_record(rec, src_lang, tgt_lang, f"{where} row {i}"))
-        for i, rec in enumerate(ds)
-    ]
+
+def _locate(p: Path, split: str, src_lang: str, tgt_lang: str) -> tuple[Path, str] | None:
+    """The local file (or text prefix) and format that ``p`` names for ``split``; None if none."""
+    if p.suffix == ".tsv":
+        return p, "tsv"
+    if p.suffix in (".jsonl", ".json"):
+        return p, "jsonl"
+    if _has_text_pair(p, src_lang, tgt_lang):
+        return p, "text"
+    if p.is_dir():
+        if _has_text_pair(p / split, src_lang, tgt_lang):
+            return p / split, "text"
+        for fmt in ("tsv", "jsonl"):
+            if (p / f"{split}.{fmt}").is_file():
+                return p / f"{split}.{fmt}", fmt
+    return None
 
 
 def infer_format(path: str | os.PathLike, src_lang: str, tgt_lang: str, split: str = "train") -> str:
-    """Which of ``FORMATS`` ``path`` is (see the module docstring)."""
-    p = Path(path)
-    if p.suffix == ".tsv":
-        return "tsv"
-    if p.suffix in (".jsonl", ".json"):
-        return "jsonl"
-    if p.with_name(f"{p.name}.{src_lang}").exists() or p.with_name(f"{p.name}.{tgt_lang}").exists():
-        return "text"
-    if p.is_dir() and ((p / f"{split}.{src_lang}").exists() or (p / f"{split}.{tgt_lang}").exists()):
-        return "text"
-    return "hf"
+    """Which of ``FORMATS`` ``path`` is for ``split`` (see the module docstring)."""
+    found = _locate(Path(path), split, src_lang, tgt_lang)
+    return found[1] if found is not None else "hf"
 
 
-def _read_rows(
-    path, src_lang: str, tgt_lang: str, split: str, fmt: str | None, config: str | None
-) -> tuple[list[Row], str]:
-    """Rows of the corpus and a short name of it for messages."""
-    fmt = fmt or infer_format(path, src_lang, tgt_lang, split)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    p = Path(path)
+def _read_local(p: Path, fmt: str, src_lang: str, tgt_lang: str) -> tuple[list[Row], str]:
+    """Rows of the text prefix / tsv / jsonl file ``p`` and its name for messages."""
     if fmt == "text":
-        prefix = p / split if p.is_dir() else p
-        rows = _read_text(prefix, src_lang, tgt_lang)
-        source = f"{prefix}.{{{src_lang},{tgt_lang}}}"
-    elif fmt == "tsv":
-        rows, source = _read_tsv(p, src_lang, tgt_lang), str(p)
-    elif fmt == "jsonl":
-        rows, source = _read_jsonl(p, src_lang, tgt_lang), str(p)
+        return _read_text(p, src_lang, tgt_lang), f"{p}.{{{src_lang},{tgt_lang}}}"
+    if fmt == "tsv":
+        return _read_tsv(p, src_lang, tgt_lang), str(p)
+    return _read_jsonl(p, src_lang, tgt_lang), str(p)
+
+
+# ---------------------------------------------------------------------------
+# datasets sources
+# ---------------------------------------------------------------------------
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    """True for a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return (p / "state.json").is_file() or (p / "dataset_dict.json").is_file()
+
+
+def _looks_local(path: str) -> bool:
+    """True if ``path`` can only be a local path (hub names are ``name`` or ``org/name``)."""
+    return (
+        os.path.isabs(path)
+        or path.startswith(("./", "../", "~"))
+        or path in (".", "..")
+        or path.count("/") > 1
+        or Path(path).suffix in _FILE_SUFFIXES
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_reachable(endpoint: str, timeout_s: float = 3.0) -> bool:
+    """True if ``endpoint`` answers an HTTP HEAD (any status) within ``timeout_s``, through the
+    proxies the environment names. ``HF_HUB_OFFLINE=0`` set explicitly skips the probe (True)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "0":
+        return True
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):  # URLError, timeout, refused, TLS failure; ValueError: a malformed URL
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline(enable: bool):
+    """Within the block, ``datasets`` and ``huggingface_hub`` act as under ``HF_HUB_OFFLINE=1``.
+
+    Both read these module flags at call time; the environment variable itself is read only at
+    import, so it cannot be set here once ``datasets`` is imported.
+    """
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    if enable:
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def _load_dataset(path: str, **kwargs):
+    """``datasets.load_dataset(path, **kwargs)``; a loading script gives a one-line error."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, **kwargs)
+    except RuntimeError as err:
+        if "Dataset scripts are no longer supported" not in str(err):
+            raise
+        script = str(err).rsplit(" ", 1)[-1]
+        raise DatasetUnavailableError(
+            f"dataset {path!r} needs a loading script ({script}), which datasets {datasets.__version__} no longer "
+            f"runs; load it with datasets<4 (trust_remote_code=True) and save_to_disk, then set data.path to "
+            f"that folder"
+        ) from err
+
+
+def _load_hub(name: str, config: str | None, data_files) -> object:
+    """A hub dataset (all splits); offline, only what the ``datasets`` cache holds."""
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    offline = datasets.config.HF_HUB_OFFLINE or not _hub_reachable(datasets.config.HF_ENDPOINT)
+    try:
+        with _hub_offline(offline):
+            return _load_dataset(name, name=config, data_files=data_files)
+    except ConnectionError as err:
+        call = f"load_dataset({name!r}{f', {config!r}' if config else ''})"
+        raise DatasetUnavailableError(
+            f"hub dataset {name!r} could not be reached (offline?) and is not in the datasets cache, nor is there "
+            f"a local folder {name!r}; on a machine with a network run datasets.{call}.save_to_disk(DIR) "
+            f"(with datasets<4 and trust_remote_code=True if it needs a loading script), copy DIR here and "
+            f"set data.path to it"
+        ) from err
+    except DatasetNotFoundError as err:
+        raise DatasetUnavailableError(f"{err} (nor is there a local folder {name!r})") from err
+
+
+def _check_data_files(data_files, builder: str) -> None:
+    """``data_files`` is ``{split: file or [files]}`` and its local files exist."""
+    if not isinstance(data_files, dict) or not data_files:
+        raise ValueError(
+            f"data.path {builder!r} needs data.data_files, a mapping split -> file(s), "
+            f"e.g. {{train: train.{builder}, valid: valid.{builder}, test: test.{builder}}}; got {data_files!r}"
+        )
+    for split, files in data_files.items():
+        names = [files] if isinstance(files, str) else files
+        if not isinstance(names, list) or not names or not all(isinstance(f, str) for f in names):
+            raise ValueError(f"data.data_files[{split!r}]: expected a file or a list of files, got {files!r}")
+        for f in names:
+            if "://" not in f and not any(c in f for c in "*?[") and not Path(f).expanduser().is_file():
+                raise FileNotFoundError(f"data.data_files[{split!r}]: no such file: {f}")
+
+
+def _open_hf(path: str, config: str | None, data_files) -> tuple[object, str]:
+    """``(dataset, source name)`` for ``data.path``; the dataset is a ``DatasetDict`` (or a
+    ``Dataset`` from a single ``save_to_disk``). Local paths never go to the hub."""
+    import datasets
+
+    if path in BUILDERS:
+        _check_data_files(data_files, path)
+        return _load_dataset(path, data_files=data_files), path
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if _is_saved_dataset(local):
+            return datasets.load_from_disk(str(local)), str(local)
+        return _load_dataset(str(local), data_files=data_files), str(local)
+    if local.exists():
+        raise ValueError(
+            f"data.path {path!r} is a file; name a folder, or set data.path to one of {BUILDERS} "
+            f"and data.data_files to {{split: file}}"
+        )
+    if _looks_local(path) or (local.parent != Path(".") and local.parent.is_dir()):  # ./data/x, data/x, /x
+        raise FileNotFoundError(f"data.path: no such folder: {path} ({local.resolve()})")
+    return _load_hub(path, config, data_files), path
+
+
+def _dataset_rows(ds, src_lang: str, tgt_lang: str, where: str) -> list[Row]:
+    """Rows of a ``datasets.Dataset`` with a ``translation`` column or one column per language."""
+    cols = ds.column_names
+    if "translation" in cols:
+        records = ds["translation"]
+    elif src_lang in cols and tgt_lang in cols:
+        records = ({src_lang: s, tgt_lang: t} for s, t in zip(ds[src_lang], ds[tgt_lang]))
     else:
-        rows, source = _read_hf(str(path), src_lang, tgt_lang, split, config), f"{path}[{split}]"
-    if not rows:
-        raise ValueError(f"empty corpus: no sentence pairs in {source}")
-    return rows, source
+        raise ValueError(
+            f"{where}: expected a 'translation' column or columns {src_lang!r} and {tgt_lang!r}, got columns {cols}"
+        )
+    return [
+        (f"{where} row {i}", *_pair_from_record(rec, src_lang, tgt_lang, f"{where} row {i}"))
+        for i, rec in enumerate(records)
+    ]
+
+
+def _select_split(ds, split: str, source: str, key: str):
+    """Split ``split`` of a ``DatasetDict``; ``key`` is the setting that named it."""
+    import datasets
+
+    if isinstance(ds, datasets.Dataset):
+        raise ValueError(
+            f"{source} is one Dataset saved with save_to_disk; save a DatasetDict with train, valid and test splits"
+        )
+    if split not in ds:
+        raise ValueError(f"{source} has no split {split!r} ({key}); its splits: {sorted(ds)}")
+    return ds[split]
+
+
+def _hf_reader(ds, source: str, src_lang: str, tgt_lang: str, data_files=None) -> SplitReader:
+    """Reads splits of ``ds``; rows are named by their file where a split is one data file."""
+
+    def read(split: str, key: str) -> tuple[list[Row], str]:
+        files = (data_files or {}).get(split)
+        where = files if isinstance(files, str) else f"{source}[{split}]"
+        return _dataset_rows(_select_split(ds, split, source, key), src_lang, tgt_lang, where), where
+
+    return read
 
 
 # ---------------------------------------------------------------------------
-# Public API
+# Filtering and read_pairs
 # ---------------------------------------------------------------------------
+
+
+def _warn_empty_kept(report: FilterReport, locations: list[str]) -> None:
+    shown = "; ".join(locations[:3]) + ("; ..." if len(locations) > 3 else "")
+    log.warning(
+        "%s: kept %d pair(s) with an empty side as empty strings, so that outputs stay aligned with the "
+        "reference lines: %s", report.source, len(locations), shown,
+    )
 
 
 def filter_pairs(
@@ -207,39 +400,73 @@ def filter_pairs(
         src, tgt: aligned sentences.
         max_len: drop a pair if either side has more than this many whitespace tokens.
         max_ratio: drop a pair if ``max(n_src, n_tgt) / min(n_src, n_tgt) > max_ratio``
-            (whitespace tokens).
-        on_empty: ``"drop"`` (count it) or ``"error"`` (raise ``ValueError`` naming
-            the file and line) for a pair with an empty or whitespace-only side.
+            (whitespace tokens; pairs with an empty side are not ratio-tested).
+        on_empty: for a pair with an empty or whitespace-only side: ``"drop"`` (count it),
+            ``"keep"`` (keep it as is and log a warning naming where; for valid/test, whose
+            outputs are scored line by line against reference files) or ``"error"`` (raise
+            ``ValueError`` naming the file and line).
         source: corpus name for the report.
-        where: per pair, its location ("file:line") for error messages.
-            Default: "<source> pair <i>".
+        where: per pair, its location ("file:line") for messages. Default: "<source> pair <i>".
     Returns:
         (src, tgt, report).
     """
-    if on_empty not in ("drop", "error"):
-        raise ValueError(f"on_empty must be 'drop' or 'error', got {on_empty!r}")
+    if on_empty not in ("drop", "keep", "error"):
+        raise ValueError(f"on_empty must be 'drop', 'keep' or 'error', got {on_empty!r}")
     if len(src) != len(tgt):
         raise ValueError(f"{source}: {len(src)} source but {len(tgt)} target sentences")
     report = FilterReport(source=source, n_read=len(src))
-    src_out, tgt_out = [], []
+    src_out, tgt_out, empty_kept = [], [], []
     for i, (s, t) in enumerate(zip(src, tgt)):
-        if not s.strip() or not t.strip():
-            if on_empty == "error":
-                loc = where[i] if where is not None else f"{source} pair {i + 1}"
-                side = "source" if not s.strip() else "target"
-                raise ValueError(f"{loc}: empty {side} side (use on_empty='drop' to skip such pairs)")
-            report.n_empty += 1
-            continue
         n_src, n_tgt = len(s.split()), len(t.split())
-        if max_len is not None and max(n_src, n_tgt) > max_len:
+        if n_src == 0 or n_tgt == 0:
+            loc = where[i] if where is not None else f"{source} pair {i + 1}"
+            side = "source" if n_src == 0 else "target"
+            if on_empty == "error":
+                raise ValueError(f"{loc}: empty {side} side (use on_empty='drop' to skip such pairs)")
+            if on_empty == "drop":
+                report.n_empty += 1
+                continue
+            empty_kept.append(f"{loc} (empty {side})")
+        elif max_len is not None and max(n_src, n_tgt) > max_len:
             report.n_too_long += 1
             continue
-        if max_ratio is not None and max(n_src, n_tgt) / min(n_src, n_tgt) > max_ratio:
+        elif max_ratio is not None and max(n_src, n_tgt) / min(n_src, n_tgt) > max_ratio:
             report.n_bad_ratio += 1
             continue
         src_out.append(s)
         tgt_out.append(t)
+    report.n_empty_kept = len(empty_kept)
+    if empty_kept:
+        _warn_empty_kept(report, empty_kept)
     return src_out, tgt_out, report
+
+
+def _filtered(rows: list[Row], source: str, **filter_kwargs) -> tuple[list[str], list[str]]:
+    """``filter_pairs`` over ``rows``, logging the report; raises if nothing is there or left."""
+    if not rows:
+        raise ValueError(f"empty corpus: no sentence pairs in {source}")
+    where, src, tgt = (list(col) for col in zip(*rows))
+    src, tgt, report = filter_pairs(src, tgt, source=source, where=where, **filter_kwargs)
+    log.info("%s", report)
+    if not src:
+        raise ValueError(f"no pairs left in {source} after filtering ({report})")
+    return src, tgt
+
+
+def _read_rows(path, src_lang: str, tgt_lang: str, split: str, fmt: str | None, config: str | None):
+    """Rows of one split of ``path`` and a short name of it for messages."""
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    p = Path(path)
+    if fmt is None:
+        found = _locate(p, split, src_lang, tgt_lang)
+        p, fmt = found if found is not None else (p, "hf")
+    elif fmt == "text" and p.is_dir():
+        p = p / split
+    if fmt != "hf":
+        return _read_local(p, fmt, src_lang, tgt_lang)
+    ds, source = _open_hf(str(path), config, None)
+    return _hf_reader(ds, source, src_lang, tgt_lang)(split, "split")
 
 
 def read_pairs(
@@ -257,27 +484,21 @@ def read_pairs(
 
     Args:
         path: file, prefix, directory or dataset name (see the module docstring).
-        split: file name inside a directory (``{split}.{lang}``) or the
-            ``datasets`` split.
+        split: file name inside a directory (``{split}.{lang}``, ``{split}.tsv``,
+            ``{split}.jsonl``) or the ``datasets`` split.
         fmt: one of ``FORMATS``; inferred from ``path`` when None.
-        config: ``datasets`` configuration name (``"hf"`` only).
+        config: ``datasets`` configuration name (``"hf"`` hub names only).
         max_len, max_ratio, on_empty: see ``filter_pairs``.
     Returns:
-        (src, tgt): equal-length lists of stripped, non-empty strings.
+        (src, tgt): equal-length lists of stripped strings (non-empty unless ``on_empty="keep"``).
     Raises:
-        FileNotFoundError: a file is missing (named).
+        FileNotFoundError: a file or folder is missing (named); ``DatasetUnavailableError`` for
+            a hub dataset that cannot be loaded here.
         ValueError: unequal line counts, invalid UTF-8 or malformed line (file and
             line named), empty corpus, or nothing left after filtering.
     """
     rows, source = _read_rows(path, src_lang, tgt_lang, split, fmt, config)
-    where, src, tgt = (list(col) for col in zip(*rows))
-    src, tgt, report = filter_pairs(
-        src, tgt, max_len=max_len, max_ratio=max_ratio, on_empty=on_empty, source=source, where=where
-    )
-    log.info("%s", report)
-    if not src:
-        raise ValueError(f"no pairs left in {source} after filtering ({report})")
-    return src, tgt
+    return _filtered(rows, source, max_len=max_len, max_ratio=max_ratio, on_empty=on_empty)
 
 
 def load_parallel(
@@ -296,23 +517,103 @@ def load_parallel(
     return datasets.Dataset.from_dict({"src": src, "tgt": tgt})
 
 
-def load_splits(d, splits=("train", "valid", "test")) -> dict[str, list[tuple[str, str]]]:
-    """Read train/valid/test pairs as the recipe's data section says (preparing the
-    LibreOffice help corpus first when ``corpus: lohelp_en_de``)."""
-    if d.corpus == "lohelp_en_de":
-        from nmt_ls.prepare import prepare_lohelp
+# ---------------------------------------------------------------------------
+# Recipes: the corpus registry and load_splits
+# ---------------------------------------------------------------------------
 
-        prepare_lohelp(d.dir, d.src_lang, d.tgt_lang)
-    if d.corpus not in ("lohelp_en_de", "files", "hub"):
-        raise ValueError(f"data.corpus must be lohelp_en_de, files or hub, got {d.corpus!r}")
-    source = d.hub_name if d.corpus == "hub" else d.dir
-    if d.corpus == "hub" and not source:
-        raise ValueError("data.corpus: hub needs data.hub_name")
-    out = {}
-    for name, split in (("train", d.train_split), ("valid", d.valid_split), ("test", d.test_split)):
-        if name not in splits:
-            continue
-        filt = dict(max_len=d.max_len, max_ratio=d.max_ratio) if name == "train" else {}
-        src, tgt = read_pairs(source, d.src_lang, d.tgt_lang, split=split, config=d.hub_config, **filt)
-        out[name] = list(zip(src, tgt))
-    return out
+# Corpora that are made before they are read: name -> function(DataConfig) that writes
+# data.dir (idempotently); data.dir is then read as corpus: files.
+CORPORA: dict[str, Callable[[DataConfig], None]] = {}
+_READ_AS = {"files": "files", "hf": "hf", "hub": "hf"}
+
+
+def register_corpus(name: str) -> Callable:
+    """Decorator: ``@register_corpus("my_corpus")`` on ``fn(d: DataConfig) -> None``, which
+    prepares ``d.dir`` so that ``data.corpus: my_corpus`` reads it as ``files``."""
+
+    def register(fn: Callable[[DataConfig], None]) -> Callable[[DataConfig], None]:
+        if name in CORPORA or name in _READ_AS:
+            raise ValueError(f"corpus {name!r} is already registered")
+        CORPORA[name] = fn
+        return fn
+
+    return register
+
+
+@register_corpus("lohelp_en_de")
+def _prepare_lohelp(d: DataConfig) -> None:
+    from nmt_ls.prepare import prepare_lohelp
+
+    prepare_lohelp(d.dir, d.src_lang, d.tgt_lang)
+
+
+def _files_reader(d: DataConfig) -> SplitReader:
+    """Reads ``{dir}/{split}.{lang}`` pairs, ``.tsv`` or ``.jsonl`` (or a save_to_disk folder)."""
+    root = Path(d.dir).expanduser()
+    expected = f"{{split}}.{d.src_lang} + {{split}}.{d.tgt_lang}, {{split}}.tsv or {{split}}.jsonl"
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        error = ValueError if root.exists() else FileNotFoundError
+        raise error(f"data.dir {d.dir!r} {what} ({root.resolve()}); data.corpus {d.corpus!r} reads {expected} in it")
+    if _is_saved_dataset(root):
+        import datasets
+
+        return _hf_reader(datasets.load_from_disk(str(root)), str(root), d.src_lang, d.tgt_lang)
+
+    def read(split: str, key: str) -> tuple[list[Row], str]:
+        found = _locate(root, split, d.src_lang, d.tgt_lang)
+        if found is None:
+            raise FileNotFoundError(f"{root}: no {expected.replace('{split}', split)} ({key}={split!r})")
+        return _read_local(*found, d.src_lang, d.tgt_lang)
+
+    return read
+
+
+def _open_corpus(d: DataConfig) -> SplitReader:
+    """The reader of ``d``'s splits (see the module docstring); checks the keys fit the corpus."""
+    read_as = "files" if d.corpus in CORPORA else _READ_AS.get(d.corpus)
+    if read_as is None:
+        raise ValueError(f"data.corpus must be files, hf (alias hub) or one of {sorted(CORPORA)}, got {d.corpus!r}")
+    if read_as == "files":
+        if d.path is not None or d.data_files is not None:
+            raise ValueError(f"data.path and data.data_files are read with data.corpus: hf, not {d.corpus!r}")
+        return _files_reader(d)
+    path = d.path or d.hub_name
+    if not path:
+        raise ValueError(
+            f"data.corpus: {d.corpus} needs data.path: a hub name, a save_to_disk folder, a data folder, "
+            f"or one of {BUILDERS} with data.data_files"
+        )
+    ds, source = _open_hf(path, d.hub_config, d.data_files)
+    return _hf_reader(ds, source, d.src_lang, d.tgt_lang, d.data_files if path in BUILDERS else None)
+
+
+def _split_pairs(d: DataConfig, which: str, read: SplitReader) -> list[tuple[str, str]]:
+    key = f"data.{which}_split"
+    rows, source = read(getattr(d, f"{which}_split"), key)
+    if which == "train":
+        src, tgt = _filtered(rows, source, max_len=d.max_len, max_ratio=d.max_ratio, on_empty="drop")
+    else:
+        src, tgt = _filtered(rows, source, on_empty="keep")
+    return list(zip(src, tgt))
+
+
+def load_splits(d: DataConfig, splits: Sequence[str] = SPLITS) -> dict[str, list[tuple[str, str]]]:
+    """The recipe's pairs ``(src, tgt)`` of each of ``splits`` (a subset of ``SPLITS``).
+
+    A corpus in ``CORPORA`` is prepared first. The train split loses pairs with an empty side
+    and those over ``d.max_len`` / ``d.max_ratio``; valid and test keep every pair in order (an
+    empty side as ``""``, with a warning naming where), so outputs align with the references.
+
+    Raises:
+        FileNotFoundError: a missing folder or file, named (``DatasetUnavailableError``: a hub
+            dataset that cannot be loaded here, with what to do).
+        ValueError: a malformed file (file and line named), a bad setting (key named).
+    """
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"splits must be among {SPLITS}, got {unknown}")
+    if d.corpus in CORPORA:
+        CORPORA[d.corpus](d)
+    read = _open_corpus(d)
+    return {which: _split_pairs(d, which, read) for which in SPLITS if which in splits}

@@ -95,11 +95,12 @@ def cmd_translate(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from nmt_ls.evaluate import score_files
+    from nmt_ls.evaluate import format_scores, score_files
 
-    result = score_files(args.hyp, args.ref)
-    print(f"BLEU {result['bleu']:.2f}  {result['bleu_signature']}")
-    print(f"chrF {result['chrf']:.2f}  {result['chrf_signature']}")
+    paired = "bs" if args.paired_bs else "ar" if args.paired_ar else None
+    n_samples = args.paired_bs_n if paired == "bs" else args.paired_ar_n
+    result = score_files(args.hyp, args.ref, paired, n_samples)
+    print(json.dumps(result, indent=2) if args.json else format_scores(result))
     return 0
 
 
@@ -145,9 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--progress", action="store_true")
     s.set_defaults(func=cmd_translate)
 
-    s = sub.add_parser("score", help="sacreBLEU BLEU and chrF of a hypothesis file")
-    s.add_argument("hyp")
+    s = sub.add_parser("score", help="sacreBLEU BLEU, chrF++ and TER of hypothesis files, with paired tests")
+    s.add_argument("hyp", nargs="+", help="hypothesis files; with a paired test the first is the baseline")
     s.add_argument("--ref", nargs="+", required=True, help="one or more reference files")
+    s.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    test = s.add_mutually_exclusive_group()
+    test.add_argument("--paired-bs", action="store_true",
+                      help="paired bootstrap resampling against the first file: 95%% CIs and p-values")
+    test.add_argument("--paired-ar", action="store_true",
+                      help="paired approximate randomization against the first file: p-values")
+    s.add_argument("--paired-bs-n", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    s.add_argument("--paired-ar-n", type=int, default=10000, help="randomization trials (default: %(default)s)")
     s.set_defaults(func=cmd_score)
 
     s = sub.add_parser("plot", help="PNG curves from a train_log.jsonl")

@@ -54,7 +54,7 @@ def test_score_matches_sacrebleu(tmp_path, capsys):
     out = capsys.readouterr().out
     expected = sacrebleu.corpus_bleu(hyp.read_text().splitlines(), [ref.read_text().splitlines(), ref2.read_text().splitlines()])
     assert f"BLEU {expected.score:.2f}  nrefs:2|case:mixed|eff:no|tok:13a|smooth:exp|version:" in out
-    assert "chrF " in out and "nrefs:2" in out
+    assert "chrF2++ " in out and "TER " in out and "nrefs:2" in out
 
 
 def test_plot_writes_a_png(run_dir, tmp_path):

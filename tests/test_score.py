@@ -93,6 +93,7 @@ def test_single_file_equals_sacrebleu_cli(files, monkeypatch, capsys):
     ours = nmt_ls_score([base, "--ref", ref], monkeypatch, capsys)
     cli = sacrebleu_cli([ref, "-i", base, *METRICS])
     assert [c["name"] for c in cli] == list(ours["signatures"]) == ["BLEU", "chrF2++", "TER"]
+    assert score_files(base, [ref]) == ours  # one path works as a list of one
     for c in cli:
         assert ours["signatures"][c["name"]] == c["signature"]
         assert round(ours["systems"][0][c["name"]]["score"], 10) == pytest.approx(c["score"], abs=1e-12)

@@ -88,7 +88,7 @@ def read_systems(hyp_paths: list[str | Path], ref_paths: list[str | Path]) -> tu
     also strips trailing whitespace, which none of BLEU, chrF and TER counts.)"""
     systems = [read_lines(p) for p in hyp_paths]
     refs = [read_lines(p) for p in ref_paths]
-    for path, lines in zip([*hyp_paths, *ref_paths], [*systems, *refs]):
+    for path, lines in zip([*hyp_paths, *ref_paths], [*systems, *refs], strict=True):
         if not lines:
             raise ValueError(f"{path} is empty")
         if len(lines) != len(systems[0]):
@@ -152,7 +152,7 @@ def score_files(
         hyp_paths = [hyp_paths]
     systems, refs = read_systems(hyp_paths, ref_paths)
     signatures, scores = score_systems(systems, refs, paired, n_samples)
-    rows = [{"file": str(p), **s} for p, s in zip(hyp_paths, scores)]
+    rows = [{"file": str(p), **s} for p, s in zip(hyp_paths, scores, strict=True)]
     return {"signatures": signatures, "paired": paired, "systems": rows}
 
 
@@ -177,7 +177,7 @@ def format_scores(result: dict) -> str:
     if result["paired"] is not None:
         table[1][0] = "Baseline: " + table[1][0]
     widths = [max(len(line[j]) for line in table) for j in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]
     if result["paired"] == "bs":
         lines.append("score (bootstrap mean ± 95% CI), p-value of the paired bootstrap test against the baseline"
                      " (* p < 0.05)")

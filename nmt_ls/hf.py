@@ -20,6 +20,7 @@ the NLL and token sums of the steps since the last log (training and evaluation 
 :class:`NllLoggingCallback` adds ``nll_loss`` and ``ppl = exp(nll_loss)`` next to ``loss``
 (``eval_nll_loss``, ``eval_ppl`` next to ``eval_loss``). The sums are those of this process.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,7 @@ class LabelSmoothedLoss:
             :func:`~nmt_ls.criterions.functional.label_smoothed_cross_entropy`. Default: True
     """
 
-    def __init__(self, epsilon: float = 0.1, smoothing: str = "others", pad_id: int | None = None,
-                 fused: bool = True):
+    def __init__(self, epsilon: float = 0.1, smoothing: str = "others", pad_id: int | None = None, fused: bool = True):
         if smoothing not in SMOOTHINGS:
             raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
         if smoothing == "others_no_pad" and pad_id is None:

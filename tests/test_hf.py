@@ -1,4 +1,5 @@
 """nmt_ls.hf: the label-smoothed loss inside a Hugging Face Seq2SeqTrainer, on a tiny Marian model."""
+
 import math
 
 import pytest
@@ -7,8 +8,13 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it
-from transformers import MarianConfig, MarianMTModel, Seq2SeqTrainer, Seq2SeqTrainingArguments  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from transformers import (  # noqa: E402
+    MarianConfig,
+    MarianMTModel,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    TrainerCallback,
+)
 
 from nmt_ls.hf import LabelSmoothedLoss, NllLoggingCallback  # noqa: E402
 
@@ -18,10 +24,22 @@ VOCAB, PAD, EOS = 96, 0, 1
 def tiny_marian(dtype=torch.float32) -> MarianMTModel:
     torch.manual_seed(0)
     cfg = MarianConfig(
-        vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=PAD, eos_token_id=EOS,
-        decoder_start_token_id=PAD, forced_eos_token_id=EOS,
+        vocab_size=VOCAB,
+        d_model=16,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        decoder_start_token_id=PAD,
+        forced_eos_token_id=EOS,
     )
     return MarianMTModel(cfg).to(dtype)
 
@@ -50,8 +68,12 @@ class Collator:
 
         src = pad([r["input_ids"] for r in rows], PAD)  # (B, S)
         labels = pad([r["labels"] for r in rows], -100)  # (B, T)
-        return {"input_ids": src, "attention_mask": src.ne(PAD).long(), "labels": labels,
-                "decoder_input_ids": self.model.prepare_decoder_input_ids_from_labels(labels=labels)}
+        return {
+            "input_ids": src,
+            "attention_mask": src.ne(PAD).long(),
+            "labels": labels,
+            "decoder_input_ids": self.model.prepare_decoder_input_ids_from_labels(labels=labels),
+        }
 
 
 def batch_logits(model, rows):
@@ -96,8 +118,9 @@ def test_loss_equals_dense_reference_over_num_items(smoothing, fused):
 def test_uniform_equals_torch_label_smoothing():
     model = tiny_marian()
     outputs, labels = batch_logits(model, examples(6))
-    expected = F.cross_entropy(outputs.logits.reshape(-1, VOCAB), labels.reshape(-1), label_smoothing=0.2,
-                               ignore_index=-100)
+    expected = F.cross_entropy(
+        outputs.logits.reshape(-1, VOCAB), labels.reshape(-1), label_smoothing=0.2, ignore_index=-100
+    )
     for fused in (False, True):
         torch.testing.assert_close(LabelSmoothedLoss(0.2, "uniform", fused=fused)(outputs, labels), expected)
 
@@ -113,19 +136,42 @@ def test_bad_arguments_raise():
 
 
 def training_args(tmp_path, **kw) -> Seq2SeqTrainingArguments:
-    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no", seed=0,
-                disable_tqdm=True, dataloader_num_workers=0, lr_scheduler_type="constant", weight_decay=0.0)
+    base = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+    )
     return Seq2SeqTrainingArguments(**{**base, **kw})
 
 
 def test_trainer_steps_log_nll_and_ppl(tmp_path):
     model = tiny_marian()
     loss_fn = LabelSmoothedLoss(0.1, "others_no_pad", pad_id=PAD)
-    args = training_args(tmp_path, max_steps=12, per_device_train_batch_size=4, per_device_eval_batch_size=8,
-                         learning_rate=3e-3, logging_steps=4, eval_strategy="steps", eval_steps=12)
-    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=examples(16), eval_dataset=examples(8, seed=2),
-                             data_collator=Collator(model), compute_loss_func=loss_fn,
-                             callbacks=[NllLoggingCallback(loss_fn)])
+    args = training_args(
+        tmp_path,
+        max_steps=12,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=3e-3,
+        logging_steps=4,
+        eval_strategy="steps",
+        eval_steps=12,
+    )
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=args,
+        train_dataset=examples(16),
+        eval_dataset=examples(8, seed=2),
+        data_collator=Collator(model),
+        compute_loss_func=loss_fn,
+        callbacks=[NllLoggingCallback(loss_fn)],
+    )
     trainer.train()
     train_logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(train_logs) == 3
@@ -147,8 +193,14 @@ def test_epsilon_zero_logs_nll_equal_to_loss(tmp_path):
     model = tiny_marian()
     loss_fn = LabelSmoothedLoss(0.0, "others")
     args = training_args(tmp_path, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1)
-    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=examples(12), data_collator=Collator(model),
-                             compute_loss_func=loss_fn, callbacks=[NllLoggingCallback(loss_fn)])
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=args,
+        train_dataset=examples(12),
+        data_collator=Collator(model),
+        compute_loss_func=loss_fn,
+        callbacks=[NllLoggingCallback(loss_fn)],
+    )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 3
@@ -164,10 +216,23 @@ class GradCapture(TrainerCallback):
 def accumulated_grads(tmp_path, batch_size: int, accumulation: int, loss_fn) -> dict:
     model = tiny_marian(torch.float64)
     capture = GradCapture()
-    args = training_args(tmp_path, max_steps=1, per_device_train_batch_size=batch_size,
-                         gradient_accumulation_steps=accumulation, learning_rate=1.0, optim="sgd", max_grad_norm=0.0)
-    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=examples(8), data_collator=Collator(model),
-                             compute_loss_func=loss_fn, callbacks=[capture])
+    args = training_args(
+        tmp_path,
+        max_steps=1,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=1.0,
+        optim="sgd",
+        max_grad_norm=0.0,
+    )
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=args,
+        train_dataset=examples(8),
+        data_collator=Collator(model),
+        compute_loss_func=loss_fn,
+        callbacks=[capture],
+    )
     trainer.train()
     return capture.grads
 

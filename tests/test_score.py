@@ -1,4 +1,5 @@
 """`nmt-ls score` against the `sacrebleu` command line, and line splitting for translate/score."""
+
 import io
 import json
 import os
@@ -37,7 +38,7 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("score")
     refs = read_lines(REF)
     paths = d / "ref.de", d / "base.de", d / "sys2.de"
-    for path, lines in zip(paths, (refs, perturbed(refs, 1, 0.5, 0.5), perturbed(refs, 2, 0.45, 0.5))):
+    for path, lines in zip(paths, (refs, perturbed(refs, 1, 0.5, 0.5), perturbed(refs, 2, 0.45, 0.5)), strict=True):
         path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return tuple(map(str, paths))
 
@@ -55,8 +56,13 @@ main()
 def sacrebleu_cli(argv: list[str]):
     """The JSON that `sacrebleu ARGV --format json -w 10` prints, with the default seed."""
     env = {k: v for k, v in os.environ.items() if k != "SACREBLEU_SEED"}
-    proc = subprocess.run([sys.executable, "-c", CLI, *argv, "--format", "json", "-w", "10"], env=env,
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", CLI, *argv, "--format", "json", "-w", "10"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout)
 
 
@@ -78,7 +84,7 @@ def test_paired_test_equals_sacrebleu_cli(files, test, n, monkeypatch, capsys):
     cli = sacrebleu_cli([ref, "-i", base, sys2, *METRICS, *flags])
     assert [row["system"] for row in cli] == [f"Baseline: {base}", sys2]
     assert [row["file"] for row in ours["systems"]] == [base, sys2]
-    for row, cli_row in zip(ours["systems"], cli):
+    for row, cli_row in zip(ours["systems"], cli, strict=True):
         for name in ("BLEU", "chrF2++", "TER"):
             assert row[name] == cli_row[name]  # score, mean, ci, p_value: every digit
     p = [ours["systems"][1][name]["p_value"] for name in ("BLEU", "chrF2++", "TER")]
@@ -106,10 +112,13 @@ def test_text_report_of_two_systems(files, capsys):
     lines = capsys.readouterr().out.splitlines()
     bleu_base, bleu_sys2 = (row["BLEU"] for row in result["systems"])
     assert lines[0].split() == ["system", "BLEU", "chrF2++", "TER"]
-    assert lines[1].startswith(f"Baseline: {base}  {bleu_base['score']:.2f} ({bleu_base['mean']:.2f} ± "
-                               f"{bleu_base['ci']:.2f})")
-    assert f" {bleu_sys2['score']:.2f} ({bleu_sys2['mean']:.2f} ± {bleu_sys2['ci']:.2f}) " \
-           f"p={bleu_sys2['p_value']:.4f} " in lines[2]
+    assert lines[1].startswith(
+        f"Baseline: {base}  {bleu_base['score']:.2f} ({bleu_base['mean']:.2f} ± {bleu_base['ci']:.2f})"
+    )
+    assert (
+        f" {bleu_sys2['score']:.2f} ({bleu_sys2['mean']:.2f} ± {bleu_sys2['ci']:.2f}) "
+        f"p={bleu_sys2['p_value']:.4f} " in lines[2]
+    )
     assert lines[-3] == f"BLEU {result['signatures']['BLEU']}"
 
 

@@ -80,15 +80,21 @@ class TrainConfig:
     update_freq: int = 1  # batches accumulated per update
     lr: float = 1e-3
     warmup_steps: int = 1000
-    lr_scheduler: str = "inverse_sqrt"  # inverse_sqrt | linear | cosine (decay to end_lr at max_updates)
-    end_lr: float = 0.0  # lr reached at max_updates by the linear and cosine schedules
+    lr_scheduler: str = "inverse_sqrt"  # inverse_sqrt | linear | cosine (decay to end_lr at max_updates) | wsd
+    end_lr: float = 0.0  # lr reached at the last update by the linear, cosine and wsd schedules
+    # wsd (warmup-stable-decay): with max_updates 0 the total is planned to end at max_minutes, from the update
+    # rate measured over plan_window_updates updates after the warmup (logged, and kept in the checkpoint)
+    cooldown_fraction: float = 0.2  # wsd: share of the updates in the final cooldown to end_lr
+    cooldown_shape: str = "linear"  # wsd: linear | 1-sqrt
+    stable_phase: str = "constant"  # wsd: constant | inverse_sqrt
+    plan_window_updates: int = 50  # wsd: updates after the warmup over which the update rate is measured
     betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     clip_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
     max_epochs: int = 20
     max_updates: int = 0  # 0: no limit
-    max_minutes: float = 0.0  # 0: no limit; training stops at the first update past it
+    max_minutes: float = 0.0  # 0: no limit; training stops at the first update past it (wsd: the budget it plans for)
     validate_every_updates: int = 0  # 0: validate at epoch ends only
     save_every_updates: int = 0  # 0: save at validations only
     log_every_updates: int = 50

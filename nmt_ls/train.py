@@ -38,7 +38,7 @@ from nmt_ls.distributed import World, init_world
 from nmt_ls.evaluate import corpus_bleu
 from nmt_ls.inference import translate
 from nmt_ls.model import build_model
-from nmt_ls.optim import build_optimizer, build_scheduler, check_schedule
+from nmt_ls.optim import build_optimizer, build_scheduler, check_schedule, plan_total_updates
 from nmt_ls.tokenizer import Tokenizer, train_spm
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,18 @@ class Progress:
     bad_validations: int = 0  # validations in a row without improvement
     validated_at: int = -1  # update of the last validation
     elapsed: float = 0.0  # seconds of training (set-up excluded)
+    planned_updates: int = 0  # wsd: the total fixed from the measured update rate (0: not yet)
+
+
+@dataclass
+class Timing:
+    """What a wsd plan is made from, measured in this process: seconds spent in updates since
+    the warmup ended (validations and saves excluded), and the last validation's seconds."""
+
+    updates: int = 0
+    update_s: float = 0.0
+    validation_s: float = 0.0
+    resumed: bool = False  # a resumed run keeps the checkpoint's plan (so it replays exactly)
 
 
 @dataclass
@@ -99,6 +111,7 @@ class Run:
     bleu_ref: list[str]
     progress: Progress
     writer: object | None = None
+    timing: Timing = field(default_factory=Timing)
 
     @property
     def out_dir(self) -> Path:
@@ -119,6 +132,8 @@ def check_config(cfg: RunConfig) -> None:
     """Every option that can be checked before any data work; errors name the recipe key."""
     t, c = cfg.train, cfg.criterion
     check_schedule(t.lr_scheduler, t.max_updates, t.lr, t.end_lr)
+    if t.lr_scheduler == "wsd" and t.max_updates <= 0 and t.max_minutes <= 0:
+        raise ValueError("train.lr_scheduler=wsd needs train.max_updates, or train.max_minutes to plan them from")
     choices = (("criterion.implementation", c.implementation, IMPLEMENTATIONS), ("train.amp", t.amp, AMP),
                ("train.best_metric", t.best_metric, BEST_METRICS))
     for key, value, valid in choices:
@@ -223,7 +238,8 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
     model = build_model(tok.vocab_size, tok.pad_id, **dataclasses.asdict(cfg.model)).to(world.device)
     criterion = build_criterion(**criterion_kwargs(cfg, tok.pad_id))
     optimizer = build_optimizer(model, t.lr, t.betas, t.adam_eps, t.weight_decay)
-    scheduler = build_scheduler(optimizer, t.warmup_steps, t.lr_scheduler, t.max_updates, t.end_lr)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, t.lr_scheduler, t.max_updates, t.end_lr, t.cooldown_fraction,
+                                t.cooldown_shape, t.stable_phase)
     progress = Progress()
     if ckpt is not None:
         checkpoint.restore_training(ckpt, model, optimizer, scheduler, world.rank, world.world_size)
@@ -237,7 +253,8 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
     # The chunked path takes decoder features, not logits; DDP must wrap what runs forward.
     forward_model = world.wrap(DecoderFeatures(model) if cfg.criterion.implementation == "chunked" else model)
     run = Run(cfg, world, tok, model, forward_model, criterion, optimizer, scheduler, train_data, valid_batches,
-              bleu_src, bleu_ref, progress, tensorboard_writer(out_dir) if world.is_main else None)
+              bleu_src, bleu_ref, progress, tensorboard_writer(out_dir) if world.is_main else None,
+              Timing(resumed=ckpt is not None))
     if world.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         log.info("model: %.2fM parameters; %d train pairs, %d valid; %d worker(s) on %s", n_params / 1e6,
@@ -403,7 +420,7 @@ def save(run: Run, name: str) -> None:
 def validate_and_save(run: Run) -> None:
     """Validate (main worker), track the best value, save best and last (all workers)."""
     p, world = run.progress, run.world
-    improved = False
+    start, improved = time.time(), False
     if world.is_main:
         record = validate(run)
         write_record(run, record, ("loss", "nll_loss", "kl", "ppl", "accuracy", "bleu"))
@@ -416,15 +433,43 @@ def validate_and_save(run: Run) -> None:
     if improved:
         save(run, "checkpoint_best.pt")
     save(run, "checkpoint_last.pt")
+    run.timing.validation_s = world.broadcast(time.time() - start)
 
 
 # ---- the loop ---------------------------------------------------------------------------------
+
+def plan_updates(run: Run, updates_per_epoch: int) -> None:
+    """wsd with a time budget: once ``plan_window_updates`` updates after the warmup are timed
+    and a validation is, fix the total updates that end at ``max_minutes`` (validations at epoch
+    ends counted), and fix it again at later validations while the cooldown has not begun.
+    Every worker takes rank 0's plan."""
+    t, p, timing = run.cfg.train, run.progress, run.timing
+    if t.lr_scheduler != "wsd" or t.max_updates > 0 or timing.validation_s <= 0 or p.validated_at != p.update:
+        return
+    if timing.updates < t.plan_window_updates or (timing.resumed and p.planned_updates):
+        return
+    if p.planned_updates and p.update >= p.planned_updates - run.scheduler.cooldown_updates:
+        return  # the cooldown has begun: the plan stands
+    every = t.validate_every_updates or updates_per_epoch
+    planned = run.world.broadcast(plan_total_updates(t.max_minutes, p.elapsed, p.update, timing.updates, timing.update_s,
+                                                     0.0, every, timing.validation_s))
+    cooldown_start = planned - round(t.cooldown_fraction * planned)
+    if planned == p.planned_updates or cooldown_start < max(p.update, t.warmup_steps):
+        return
+    run.scheduler.set_total_updates(planned)
+    p.planned_updates = planned
+    log.info("wsd plan: %d updates in train.max_minutes=%g (%.3f s per update over %d updates, %.1f s per "
+             "validation); cooldown from update %d; pin it with train.max_updates=%d", planned, t.max_minutes,
+             timing.update_s / timing.updates, timing.updates, timing.validation_s, cooldown_start, planned)
+
 
 def stop_reason(run: Run) -> str | None:
     """Why training must stop now (the same answer on every worker), or None."""
     t, p = run.cfg.train, run.progress
     if t.max_updates > 0 and p.update >= t.max_updates:
         return f"reached train.max_updates={t.max_updates}"
+    if p.planned_updates and p.update >= p.planned_updates:
+        return f"reached the {p.planned_updates} updates planned for train.max_minutes={t.max_minutes}"
     if p.epoch >= t.max_epochs:
         return f"reached train.max_epochs={t.max_epochs}"
     if t.patience > 0 and p.bad_validations >= t.patience:
@@ -462,9 +507,12 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
                    desc=f"epoch {p.epoch + 1}", disable=not run.world.is_main, mininterval=2.0, unit="upd")
         while p.batch_index < len(batches) and (reason := stop_reason(run)) is None:
             group = batches[p.batch_index : p.batch_index + t.update_freq]
+            step_start = time.time()
             result = train_step(run, [run.train_data.batch(idx, run.tok) for idx in group])
             p.batch_index += len(group)
             p.elapsed = time.time() - clock
+            if p.update >= t.warmup_steps:
+                run.timing.updates, run.timing.update_s = run.timing.updates + 1, run.timing.update_s + time.time() - step_start
             bar.update(1)
             bad_updates = 0 if result else bad_updates + 1
             if result is None:
@@ -479,6 +527,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
                 window, window_start = [], time.time()
             if t.validate_every_updates and p.update % t.validate_every_updates == 0:
                 validate_and_save(run)
+                plan_updates(run, len(batches) // t.update_freq)
             elif t.save_every_updates and p.update % t.save_every_updates == 0:
                 save(run, "checkpoint_last.pt")
         bar.close()
@@ -486,16 +535,18 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             p.epoch, p.batch_index = p.epoch + 1, 0
             if p.validated_at != p.update:
                 validate_and_save(run)
+            plan_updates(run, len(batches) // t.update_freq)
     if p.validated_at != p.update:
         validate_and_save(run)
     if run.writer:
         run.writer.close()
     out = run.out_dir
-    summary = {"updates": p.update, "epochs": p.epoch, "best": p.best, "best_metric": t.best_metric,
-               "minutes": p.elapsed / 60, "stop_reason": reason, "log": str(run.log_path),
+    summary = {"updates": p.update, "planned_updates": p.planned_updates, "epochs": p.epoch, "best": p.best,
+               "best_metric": t.best_metric, "minutes": p.elapsed / 60, "stop_reason": reason,
+               "final_lr": run.optimizer.param_groups[0]["lr"], "log": str(run.log_path),
                "checkpoint_best": str(out / "checkpoint_best.pt"), "checkpoint_last": str(out / "checkpoint_last.pt"),
                "params": sum(q.numel() for q in run.model.parameters())}
     if run.world.is_main:
-        log.info("training done (%s): %d updates, %.1f minutes, best %s %s", reason, p.update, summary["minutes"],
-                 t.best_metric, p.best)
+        log.info("training done (%s): %d updates, %.1f minutes, lr now %.3g, best %s %s", reason, p.update,
+                 summary["minutes"], summary["final_lr"], t.best_metric, p.best)
     return summary

@@ -117,10 +117,11 @@ def _read_text(prefix: Path, src_lang: str, tgt_lang: str) -> list[Row]:
     tgt_path = prefix.with_name(f"{prefix.name}.{tgt_lang}")
     src_lines, tgt_lines = _read_lines(src_path), _read_lines(tgt_path)
     if len(src_lines) != len(tgt_lines):
-        raise ValueError(
-            f"line counts differ: {src_path} has {len(src_lines)} lines, {tgt_path} has {len(tgt_lines)}"
-        )
-    return [(f"{src_path}:{i} and {tgt_path}:{i}", s, t) for i, (s, t) in enumerate(zip(src_lines, tgt_lines), start=1)]
+        raise ValueError(f"line counts differ: {src_path} has {len(src_lines)} lines, {tgt_path} has {len(tgt_lines)}")
+    return [
+        (f"{src_path}:{i} and {tgt_path}:{i}", s, t)
+        for i, (s, t) in enumerate(zip(src_lines, tgt_lines, strict=True), start=1)
+    ]
 
 
 def _read_tsv(path: Path, src_lang: str, tgt_lang: str) -> list[Row]:
@@ -220,7 +221,7 @@ def _looks_local(path: str) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hub_reachable(endpoint: str, timeout_s: float = 3.0) -> bool:
     """True if ``endpoint`` answers an HTTP HEAD (any status) within ``timeout_s``, through the
     proxies the environment names. ``HF_HUB_OFFLINE=0`` set explicitly skips the probe (True)."""
@@ -337,7 +338,7 @@ def _dataset_rows(ds, src_lang: str, tgt_lang: str, where: str) -> list[Row]:
     if "translation" in cols:
         records = ds["translation"]
     elif src_lang in cols and tgt_lang in cols:
-        records = ({src_lang: s, tgt_lang: t} for s, t in zip(ds[src_lang], ds[tgt_lang]))
+        records = ({src_lang: s, tgt_lang: t} for s, t in zip(ds[src_lang], ds[tgt_lang], strict=True))
     else:
         raise ValueError(
             f"{where}: expected a 'translation' column or columns {src_lang!r} and {tgt_lang!r}, got columns {cols}"
@@ -381,7 +382,10 @@ def _warn_empty_kept(report: FilterReport, locations: list[str]) -> None:
     shown = "; ".join(locations[:3]) + ("; ..." if len(locations) > 3 else "")
     log.warning(
         "%s: kept %d pair(s) with an empty side as empty strings, so that outputs stay aligned with the "
-        "reference lines: %s", report.source, len(locations), shown,
+        "reference lines: %s",
+        report.source,
+        len(locations),
+        shown,
     )
 
 
@@ -416,7 +420,7 @@ def filter_pairs(
         raise ValueError(f"{source}: {len(src)} source but {len(tgt)} target sentences")
     report = FilterReport(source=source, n_read=len(src))
     src_out, tgt_out, empty_kept = [], [], []
-    for i, (s, t) in enumerate(zip(src, tgt)):
+    for i, (s, t) in enumerate(zip(src, tgt, strict=True)):
         n_src, n_tgt = len(s.split()), len(t.split())
         if n_src == 0 or n_tgt == 0:
             loc = where[i] if where is not None else f"{source} pair {i + 1}"
@@ -445,7 +449,7 @@ def _filtered(rows: list[Row], source: str, **filter_kwargs) -> tuple[list[str],
     """``filter_pairs`` over ``rows``, logging the report; raises if nothing is there or left."""
     if not rows:
         raise ValueError(f"empty corpus: no sentence pairs in {source}")
-    where, src, tgt = (list(col) for col in zip(*rows))
+    where, src, tgt = (list(col) for col in zip(*rows, strict=True))
     src, tgt, report = filter_pairs(src, tgt, source=source, where=where, **filter_kwargs)
     log.info("%s", report)
     if not src:
@@ -595,7 +599,7 @@ def _split_pairs(d: DataConfig, which: str, read: SplitReader) -> list[tuple[str
         src, tgt = _filtered(rows, source, max_len=d.max_len, max_ratio=d.max_ratio, on_empty="drop")
     else:
         src, tgt = _filtered(rows, source, on_empty="keep")
-    return list(zip(src, tgt))
+    return list(zip(src, tgt, strict=True))
 
 
 def load_splits(d: DataConfig, splits: Sequence[str] = SPLITS) -> dict[str, list[tuple[str, str]]]:

@@ -203,8 +203,9 @@ def test_files_folder_text_tsv_jsonl_per_split(tmp_path, caplog):
 def test_old_recipes_load_as_before(monkeypatch):
     splits = load_splits(load_recipe(ROOT / "recipes" / "smoke.yaml").data)
     assert [len(splits[k]) for k in data.SPLITS] == [2600, 200, 200]
-    assert splits["test"][0] == tuple(p.read_text(encoding="utf-8").split("\n")[0].strip()
-                                      for p in (FIXTURE / "test.en", FIXTURE / "test.de"))
+    assert splits["test"][0] == tuple(
+        p.read_text(encoding="utf-8").split("\n")[0].strip() for p in (FIXTURE / "test.en", FIXTURE / "test.de")
+    )
     calls = []
     monkeypatch.setattr("nmt_ls.prepare.prepare_lohelp", lambda *args: calls.append(args))
     lohelp = dataclasses.replace(load_recipe(ROOT / "recipes" / "lohelp_en_de.yaml").data, dir=str(FIXTURE))
@@ -239,7 +240,8 @@ def test_parquet_data_files_with_a_list_of_files(tmp_path, hf_cache):
     half = len(PAIRS["train"]) // 2
     for i, part in enumerate((PAIRS["train"][:half], PAIRS["train"][half:])):
         hf_cache.Dataset.from_dict({"en": [s for s, _ in part], "de": [t for _, t in part]}).to_parquet(
-            tmp_path / f"train-{i}.parquet")
+            tmp_path / f"train-{i}.parquet"
+        )
     files["train"] = [str(tmp_path / "train-0.parquet"), str(tmp_path / "train-1.parquet")]
     assert load_splits(cfg(corpus="hf", path="parquet", data_files=files)) == KEPT
 
@@ -263,8 +265,11 @@ def test_csv_data_files_empty_cell_kept_in_test(tmp_path, hf_cache, caplog):
 def test_unreachable_hub_dataset_fails_at_once(hf_cache, monkeypatch):
     monkeypatch.setattr(data, "_hub_reachable", lambda endpoint: False)
     d = load_recipe(ROOT / "recipes" / "iwslt_de_en.yaml").data
-    with pytest.raises(DatasetUnavailableError, match=r"^hub dataset 'iwslt2017' could not be reached \(offline\?\)"
-                       r".*load_dataset\('iwslt2017', 'iwslt2017-de-en'\)\.save_to_disk\(DIR\).*set data\.path"):
+    with pytest.raises(
+        DatasetUnavailableError,
+        match=r"^hub dataset 'iwslt2017' could not be reached \(offline\?\)"
+        r".*load_dataset\('iwslt2017', 'iwslt2017-de-en'\)\.save_to_disk\(DIR\).*set data\.path",
+    ):
         load_splits(d)
     assert hf_cache.config.HF_HUB_OFFLINE is False  # offline only for the call
 
@@ -281,7 +286,9 @@ def test_mistyped_relative_dir_names_it_and_never_reaches_the_hub(tmp_path, hf_c
 
     monkeypatch.setattr(hf_cache, "load_dataset", no_hub)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"^data\.dir 'data/lohelp_en_dee' does not exist \(.*data/lohelp_en_dee\)"):
+    with pytest.raises(
+        FileNotFoundError, match=r"^data\.dir 'data/lohelp_en_dee' does not exist \(.*data/lohelp_en_dee\)"
+    ):
         load_splits(cfg(corpus="files", dir="data/lohelp_en_dee"))
     with pytest.raises(FileNotFoundError, match=r"^data\.path: no such folder: \./data/lohelp"):
         load_splits(cfg(corpus="hf", path="./data/lohelp"))
@@ -298,16 +305,27 @@ def test_mistyped_relative_dir_names_it_and_never_reaches_the_hub(tmp_path, hf_c
 @pytest.mark.parametrize(
     "kw,error,match",
     [
-        (dict(corpus="fiels"), ValueError, r"data\.corpus must be files, hf \(alias hub\) or one of \['lohelp_en_de'\]"),
+        (
+            dict(corpus="fiels"),
+            ValueError,
+            r"data\.corpus must be files, hf \(alias hub\) or one of \['lohelp_en_de'\]",
+        ),
         (dict(corpus="files", path="json"), ValueError, "data.path and data.data_files are read with data.corpus: hf"),
         (dict(corpus="hf"), ValueError, "data.corpus: hf needs data.path"),
         (dict(corpus="hf", path="json"), ValueError, "data.path 'json' needs data.data_files"),
-        (dict(corpus="hf", path="csv", data_files={"train": 3}), ValueError, r"data\.data_files\['train'\]: expected a"),
+        (
+            dict(corpus="hf", path="csv", data_files={"train": 3}),
+            ValueError,
+            r"data\.data_files\['train'\]: expected a",
+        ),
         (dict(corpus="hf", path="csv", data_files={"train": "nope.csv"}), FileNotFoundError, "no such file: nope.csv"),
         (dict(corpus="hf", path="saved", valid_split="dev"), ValueError, r"has no split 'dev' \(data\.valid_split\)"),
         (dict(corpus="hf", path="flat.jsonl"), ValueError, "data.path 'flat.jsonl' is a file"),
-        (dict(corpus="hf", path="csv", data_files={"train": "bad.csv", "valid": "bad.csv", "test": "bad.csv"}),
-         ValueError, r"bad\.csv: expected a 'translation' column or columns 'en' and 'de'"),
+        (
+            dict(corpus="hf", path="csv", data_files={"train": "bad.csv", "valid": "bad.csv", "test": "bad.csv"}),
+            ValueError,
+            r"bad\.csv: expected a 'translation' column or columns 'en' and 'de'",
+        ),
     ],
 )
 def test_bad_settings_name_the_key(kw, error, match, tmp_path, hf_cache, monkeypatch):

@@ -1,6 +1,8 @@
 """Adam with decoupled weight decay (as fairseq's adam) and learning-rate schedules with linear
-warmup: inverse square root (fairseq, JoeyNMT), and linear or cosine decay to ``end_lr`` at
-``max_updates`` (fairseq's polynomial_decay with power 1, and a half cosine)."""
+warmup: inverse square root (fairseq, JoeyNMT), linear or cosine decay to ``end_lr`` at
+``max_updates`` (fairseq's polynomial_decay with power 1, and a half cosine), and
+warmup-stable-decay (Hägele et al. 2024, arXiv:2405.18392), whose total number of updates may
+be fixed after training has started (:func:`plan_total_updates` turns a time budget into one)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +10,9 @@ import math
 import torch
 from torch import nn
 
-SCHEDULES = ("inverse_sqrt", "linear", "cosine")
+SCHEDULES = ("inverse_sqrt", "linear", "cosine", "wsd")
+STABLE_PHASES = ("constant", "inverse_sqrt")
+COOLDOWN_SHAPES = ("linear", "1-sqrt")
 
 
 def build_optimizer(
@@ -38,11 +42,178 @@ def decay_factor(step: int, warmup_steps: int, total_steps: int, end_ratio: floa
     return end_ratio + (1.0 - end_ratio) * left
 
 
+def wsd_factor(
+    step: int,
+    warmup_steps: int,
+    total_updates: int,
+    cooldown_updates: int,
+    end_ratio: float,
+    stable_phase: str = "constant",
+    cooldown_shape: str = "linear",
+) -> float:
+    """Multiplier of the peak lr at update ``step`` (0-based) under warmup-stable-decay.
+
+    Linear warmup to 1 at ``warmup_steps``; then the stable phase ``level(step)``: 1
+    (``constant``) or ``sqrt(warmup_steps / (step + 1))`` (``inverse_sqrt``, as
+    :func:`inverse_sqrt_factor`); from ``start = total_updates - cooldown_updates`` on, a
+    cooldown from ``level(start)`` to ``end_ratio``::
+
+        factor = end_ratio + (level(start) - end_ratio) * (1 - f(p)),  p = (step - start) / cooldown_updates
+
+    with ``f(p) = p`` (``linear``) or ``sqrt(p)`` (``1-sqrt``), ``p`` capped at 1. As in
+    :func:`decay_factor`, ``end_ratio`` is reached at ``step = total_updates``, so the last
+    update still moves. ``total_updates = 0`` (not fixed yet) or ``cooldown_updates = 0``:
+    no cooldown.
+    """
+    start = total_updates - cooldown_updates
+    if total_updates <= 0 or cooldown_updates <= 0 or step < start:
+        return _stable_level(step, warmup_steps, stable_phase)
+    progress = min(1.0, (step - start) / cooldown_updates)
+    left = 1.0 - (progress if cooldown_shape == "linear" else math.sqrt(progress))
+    return end_ratio + (_stable_level(start, warmup_steps, stable_phase) - end_ratio) * left
+
+
+def _stable_level(step: int, warmup_steps: int, stable_phase: str) -> float:
+    """Warmup, then 1 (``constant``) or the inverse square root, at update ``step`` (0-based)."""
+    if stable_phase == "inverse_sqrt":
+        return inverse_sqrt_factor(step, warmup_steps)
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+class WarmupStableDecay(torch.optim.lr_scheduler.LRScheduler):
+    """Warmup-stable-decay schedule (Hägele et al. 2024): the lrs of :func:`wsd_factor`.
+
+    The cooldown covers the last ``round(cooldown_fraction * total_updates)`` updates. The
+    total may be left at 0 (warmup, then the stable phase, with no end in sight) and fixed
+    later with :meth:`set_total_updates`, e.g. from :func:`plan_total_updates` once the
+    update rate is measured; it is part of :meth:`state_dict`, so a resumed run keeps it.
+
+    Args:
+        optimizer: its param groups' lrs are the peaks.
+        warmup_steps (int): linear warmup updates.
+        total_updates (int): updates of the whole run, cooldown included; 0: not fixed yet.
+            Default: 0
+        cooldown_fraction (float): share of ``total_updates`` given to the cooldown, in
+            [0, 1]. Default: 0.2
+        end_lr (float): lr after the last update, in [0, peak] (of the first group; the
+            other groups keep the same ratio). Default: 0.0
+        stable_phase (str): ``constant`` or ``inverse_sqrt``. Default: ``constant``
+        cooldown_shape (str): ``linear`` or ``1-sqrt``. Default: ``linear``
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: int,
+        total_updates: int = 0,
+        cooldown_fraction: float = 0.2,
+        end_lr: float = 0.0,
+        stable_phase: str = "constant",
+        cooldown_shape: str = "linear",
+        last_epoch: int = -1,
+    ):
+        if stable_phase not in STABLE_PHASES:
+            raise ValueError(f"train.stable_phase must be one of {', '.join(STABLE_PHASES)}, got {stable_phase!r}")
+        if cooldown_shape not in COOLDOWN_SHAPES:
+            raise ValueError(f"train.cooldown_shape must be one of {', '.join(COOLDOWN_SHAPES)}, got {cooldown_shape!r}")
+        if not 0.0 <= cooldown_fraction <= 1.0:
+            raise ValueError(f"train.cooldown_fraction must be in [0, 1], got {cooldown_fraction}")
+        peak = optimizer.param_groups[0]["lr"]
+        self.warmup_steps, self.cooldown_fraction = warmup_steps, cooldown_fraction
+        self.stable_phase, self.cooldown_shape = stable_phase, cooldown_shape
+        self.end_ratio = end_lr / peak if peak > 0 else 0.0
+        self.total_updates, self.cooldown_updates = self._checked_total(total_updates, updates_done=0)
+        super().__init__(optimizer, last_epoch)
+
+    def _checked_total(self, total_updates: int, updates_done: int) -> tuple[int, int]:
+        """(total_updates, cooldown_updates), or ValueError if the cooldown would start inside
+        the warmup or before update ``updates_done``."""
+        if total_updates < 0:
+            raise ValueError(f"total_updates must be >= 0, got {total_updates}")
+        cooldown = round(self.cooldown_fraction * total_updates)
+        start = total_updates - cooldown
+        if total_updates and start < self.warmup_steps:
+            raise ValueError(f"train.cooldown_fraction={self.cooldown_fraction} of {total_updates} updates starts the "
+                             f"cooldown at update {start}, inside train.warmup_steps={self.warmup_steps}")
+        if total_updates and start < updates_done:
+            raise ValueError(f"a total of {total_updates} updates starts the cooldown at update {start}, "
+                             f"but {updates_done} updates are done already")
+        return total_updates, cooldown
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the peak lr at update ``step`` (0-based)."""
+        return wsd_factor(step, self.warmup_steps, self.total_updates, self.cooldown_updates, self.end_ratio,
+                          self.stable_phase, self.cooldown_shape)
+
+    def get_lr(self) -> list[float]:
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+
+    def set_total_updates(self, total_updates: int) -> None:
+        """Fix the run's length (cooldown included) now; the next update already takes its lr."""
+        self.total_updates, self.cooldown_updates = self._checked_total(total_updates, updates_done=self.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def plan_total_updates(
+    budget_minutes: float,
+    elapsed_s: float,
+    updates_done: int,
+    window_updates: int,
+    window_s: float,
+    reserve_s: float,
+    validate_every_updates: int = 0,
+    validation_s: float = 0.0,
+) -> int:
+    """The total number of updates that fits a time budget, from a measured update rate.
+
+    With ``s_u = window_s / window_updates`` (seconds per update, measured after the warmup
+    over a window without validations), ``d = updates_done``, ``V = validate_every_updates``
+    and ``s_v = validation_s`` (one validation plus its checkpoint saves), the result is
+    ``d + n`` for the largest ``n >= 0`` with::
+
+        n * s_u + k(n) * s_v <= 60 * budget_minutes - elapsed_s - reserve_s
+        k(n) = ceil((d + n) / V) - floor(d / V)     (k = 0 when V = 0)
+
+    ``k(n)`` counts the validations still to come: one at every multiple of ``V`` after ``d``
+    and one after the last update unless that is a multiple. ``elapsed_s`` is wall time so
+    far, validations included; ``reserve_s`` is kept for what follows training (test
+    decoding). With ``V = 0``, validation time must be part of ``reserve_s``. For
+    validations at epoch ends, pass the epoch's number of updates as ``V``. If not even
+    ``n = 0`` fits, the result is ``d``.
+
+    Raises:
+        ValueError: the window is empty, or a time or count is negative.
+    """
+    if window_updates <= 0 or window_s <= 0:
+        raise ValueError(f"the measurement window needs updates and seconds > 0, got {window_updates}, {window_s}")
+    if min(budget_minutes, elapsed_s, updates_done, reserve_s, validate_every_updates, validation_s) < 0:
+        raise ValueError("budget_minutes, elapsed_s, updates_done, reserve_s, validate_every_updates and "
+                         "validation_s must be >= 0")
+    per_update = window_s / window_updates
+    left = 60.0 * budget_minutes - elapsed_s - reserve_s
+
+    def cost(n: int) -> float:
+        if validate_every_updates == 0:
+            return n * per_update
+        vals = -(-(updates_done + n) // validate_every_updates) - updates_done // validate_every_updates
+        return n * per_update + vals * validation_s
+
+    if cost(0) > left:
+        return updates_done
+    lo, hi = 0, int(max(left, 0.0) / per_update) + 1  # cost(lo) <= left < cost(hi): cost(n) >= n * s_u
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid)
+    return updates_done + lo
+
+
 def check_schedule(name: str, max_updates: int, lr: float, end_lr: float) -> None:
     """Raise ValueError, naming the recipe key, for a schedule that cannot run."""
     if name not in SCHEDULES:
         raise ValueError(f"train.lr_scheduler must be one of {', '.join(SCHEDULES)}, got {name!r}")
-    if name != "inverse_sqrt" and max_updates <= 0:
+    if name in ("linear", "cosine") and max_updates <= 0:
         raise ValueError(f"train.lr_scheduler={name} decays to train.end_lr at train.max_updates; set train.max_updates > 0")
     if not 0.0 <= end_lr <= lr:
         raise ValueError(f"train.end_lr must be in [0, train.lr={lr}], got {end_lr}")
@@ -54,9 +225,18 @@ def build_scheduler(
     name: str = "inverse_sqrt",
     max_updates: int = 0,
     end_lr: float = 0.0,
-) -> torch.optim.lr_scheduler.LambdaLR:
+    cooldown_fraction: float = 0.2,
+    cooldown_shape: str = "linear",
+    stable_phase: str = "constant",
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The schedule ``name``; for ``wsd``, ``max_updates = 0`` leaves the total to
+    :meth:`WarmupStableDecay.set_total_updates`. The ``cooldown_*`` and ``stable_phase``
+    arguments apply to ``wsd`` only."""
     peak = optimizer.param_groups[0]["lr"]
     check_schedule(name, max_updates, peak, end_lr)
+    if name == "wsd":
+        return WarmupStableDecay(optimizer, warmup_steps, max_updates, cooldown_fraction, end_lr, stable_phase,
+                                 cooldown_shape)
     if name == "inverse_sqrt":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: inverse_sqrt_factor(step, warmup_steps))
     ratio = end_lr / peak if peak > 0 else 0.0

@@ -44,6 +44,10 @@ from nmt_ls.tokenizer import Tokenizer, train_spm
 log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("reference", "fused", "chunked")
+# A wsd plan aims at this share of train.max_minutes, so that a machine that slows down a little
+# during the cooldown still finishes it; once planned, the run may pass max_minutes by up to
+# PLAN_OVERRUN of it to complete its plan, and stops there if it must.
+PLAN_TARGET, PLAN_OVERRUN = 0.98, 0.1
 BEST_METRICS = ("bleu", "ppl")
 AMP = ("none", "bf16")
 
@@ -451,8 +455,8 @@ def plan_updates(run: Run, updates_per_epoch: int) -> None:
     if p.planned_updates and p.update >= p.planned_updates - run.scheduler.cooldown_updates:
         return  # the cooldown has begun: the plan stands
     every = t.validate_every_updates or updates_per_epoch
-    planned = run.world.broadcast(plan_total_updates(t.max_minutes, p.elapsed, p.update, timing.updates, timing.update_s,
-                                                     0.0, every, timing.validation_s))
+    planned = run.world.broadcast(plan_total_updates(PLAN_TARGET * t.max_minutes, p.elapsed, p.update, timing.updates,
+                                                     timing.update_s, 0.0, every, timing.validation_s))
     cooldown_start = planned - round(t.cooldown_fraction * planned)
     if planned == p.planned_updates or cooldown_start < max(p.update, t.warmup_steps):
         return
@@ -474,8 +478,12 @@ def stop_reason(run: Run) -> str | None:
         return f"reached train.max_epochs={t.max_epochs}"
     if t.patience > 0 and p.bad_validations >= t.patience:
         return f"early stop: no improvement of {t.best_metric} in {t.patience} validations"
-    if run.world.any(t.max_minutes > 0 and p.elapsed >= 60 * t.max_minutes):
-        return f"reached train.max_minutes={t.max_minutes}"
+    cap = t.max_minutes * (1 + PLAN_OVERRUN if p.planned_updates else 1)
+    if run.world.any(t.max_minutes > 0 and p.elapsed >= 60 * cap):
+        if p.planned_updates:
+            log.warning("stopped %.0f%% past train.max_minutes=%g at update %d of the %d planned: the cooldown is "
+                        "cut short", 100 * PLAN_OVERRUN, t.max_minutes, p.update, p.planned_updates)
+        return f"reached train.max_minutes={t.max_minutes}" + (f" + {PLAN_OVERRUN:.0%}" if p.planned_updates else "")
     return None
 
 

@@ -155,3 +155,42 @@ def test_prepare_without_apt_get_is_a_one_line_error(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "nmt-ls train: error:" in err and "apt-get" in err
+
+
+class FakeClock:
+    """``time.time`` for the loop: it moves only when an update or a validation runs."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float):
+        self.now += seconds
+
+
+@pytest.mark.parametrize("max_minutes", [0.2, 0.15])  # the budget, and the same cut by 25%
+def test_wsd_plan_ends_its_cooldown_at_the_budget(tmp_path, monkeypatch, max_minutes):
+    """0.1 s per update and 0.5 s per validation on a fake clock: the plan fills the budget
+    (PLAN_TARGET of it), the lr reaches end_lr at the last update, and the checkpoint keeps it."""
+    from nmt_ls import train as loop
+
+    clock = FakeClock()
+    monkeypatch.setattr(loop, "time", clock)
+    step, validate = loop.train_step, loop.validate
+    monkeypatch.setattr(loop, "train_step", lambda run, group: (clock.advance(0.1), step(run, group))[1])
+    monkeypatch.setattr(loop, "validate", lambda run: (clock.advance(0.5), validate(run))[1])
+    cfg = load_recipe(SMOKE_RECIPE, overrides(tmp_path / "run", "train.max_updates=0", "train.max_epochs=1000",
+                                              f"train.max_minutes={max_minutes}", "train.lr_scheduler='wsd'",
+                                              "train.warmup_steps=10", "train.plan_window_updates=10",
+                                              "train.validate_every_updates=30", "train.log_every_updates=1",
+                                              "train.end_lr=0.0", "model.dropout=0.0"))
+    summary = train(cfg)
+    assert summary["stop_reason"].startswith(f"reached the {summary['updates']} updates planned")
+    assert summary["final_lr"] == 0.0  # the cooldown ran to its end
+    budget_s = loop.PLAN_TARGET * 60 * max_minutes
+    assert summary["minutes"] * 60 == pytest.approx(budget_s, abs=0.5 + 0.1)  # within a validation and an update
+    lrs = [r["lr"] for r in read_log(tmp_path / "run") if r["kind"] == "train"]
+    assert lrs[-1] == pytest.approx(cfg.train.lr / round(0.2 * summary["updates"]), rel=1e-9)  # the last step of it
+    assert checkpoint.load(summary["checkpoint_last"])["planned_updates"] == summary["updates"]

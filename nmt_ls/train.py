@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from nmt_ls import checkpoint
 from nmt_ls.batching import Batch, batch_by_tokens, collate, shard
+from nmt_ls.binarize import recipe_source
 from nmt_ls.config import RunConfig, to_dict
 from nmt_ls.criterions import build_criterion, import_user_module, reduce_metrics
 from nmt_ls.data import read_pairs
@@ -82,15 +83,7 @@ def load_splits(cfg) -> dict[str, list[tuple[str, str]]]:
     """Read train/valid/test pairs as the recipe's data section says (preparing the
     LibreOffice help corpus first when ``corpus: lohelp_en_de``)."""
     d = cfg.data
-    if d.corpus == "lohelp_en_de":
-        from nmt_ls.prepare import prepare_lohelp
-
-        prepare_lohelp(d.dir, d.src_lang, d.tgt_lang)
-    if d.corpus not in ("lohelp_en_de", "files", "hub"):
-        raise ValueError(f"data.corpus must be lohelp_en_de, files or hub, got {d.corpus!r}")
-    source = d.hub_name if d.corpus == "hub" else d.dir
-    if d.corpus == "hub" and not source:
-        raise ValueError("data.corpus: hub needs data.hub_name")
+    source = recipe_source(d)
     splits = {}
     for name, split in (("train", d.train_split), ("valid", d.valid_split), ("test", d.test_split)):
         filt = dict(max_len=d.max_len, max_ratio=d.max_ratio) if name == "train" else {}

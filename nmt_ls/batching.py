@@ -55,7 +55,7 @@ def batch_by_tokens(
     seed: int = 0,
     epoch: int = 0,
     shuffle: bool = True,
-) -> list[list[int]]:
+) -> list[np.ndarray]:
     """Group example indices into batches under a padded-token budget.
 
     Examples are sorted by size (``max(src_len, tgt_len + 1)``, then source and
@@ -65,22 +65,31 @@ def batch_by_tokens(
     (seed, epoch). With ``shuffle=False`` ties keep corpus order and batches stay
     sorted by size (for validation and decoding).
 
+    Sorting and packing are vectorised (about a second for 5M examples): no Python
+    object per example is made, and the batches are views into one index array.
+
     Args:
-        src_lens, tgt_lens: per-example lengths (ids, without bos/eos for the target).
+        src_lens, tgt_lens: per-example lengths (ids, without bos/eos for the target),
+            sequences or 1-D integer arrays (e.g. ``MmapPairs.src_lens``).
         max_tokens: padded-token budget per batch.
         max_sentences: optional cap on examples per batch.
     Returns:
-        list of batches, each a list of example indices.
+        list of batches, each a 1-D int64 array of example indices.
     Raises:
         ValueError: an example does not fit into ``max_tokens`` on its own (filter
-            long sentences first, e.g. ``data.read_pairs(max_len=...)``).
+            long sentences first, e.g. ``data.read_pairs(max_len=...)``), or a length
+            is negative.
     """
     src_lens = np.asarray(src_lens, dtype=np.int64)
     tgt_lens = np.asarray(tgt_lens, dtype=np.int64)
     if src_lens.shape != tgt_lens.shape or src_lens.ndim != 1:
-        raise ValueError(f"src_lens and tgt_lens must be 1-D and equal in length, got {src_lens.shape} and {tgt_lens.shape}")
+        raise ValueError(
+            f"src_lens and tgt_lens must be 1-D and equal in length, got {src_lens.shape} and {tgt_lens.shape}"
+        )
     if max_tokens < 1 or (max_sentences is not None and max_sentences < 1):
         raise ValueError(f"max_tokens and max_sentences must be positive, got {max_tokens}, {max_sentences}")
+    if src_lens.size and min(src_lens.min(), tgt_lens.min()) < 0:
+        raise ValueError(f"lengths must be >= 0, got src min {src_lens.min()}, tgt min {tgt_lens.min()}")
     sizes = np.maximum(src_lens, tgt_lens + 1)
     too_big = np.flatnonzero(sizes > max_tokens)
     if too_big.size:
@@ -91,30 +100,60 @@ def batch_by_tokens(
             "raise max_tokens or filter long sentences"
         )
 
+    if not sizes.size:
+        return []
     rng = np.random.default_rng(seed + epoch)
     perm = rng.permutation(len(sizes)) if shuffle else np.arange(len(sizes))
-    # lexsort is stable and sorts by the last key first.
-    order = perm[np.lexsort((tgt_lens[perm], src_lens[perm], sizes[perm]))]
-
-    batches: list[list[int]] = []
-    current: list[int] = []
-    current_max = 0
-    for i in order.tolist():
-        new_max = max(current_max, int(sizes[i]))
-        full = (len(current) + 1) * new_max > max_tokens
-        if max_sentences is not None and len(current) + 1 > max_sentences:
-            full = True
-        if current and full:
-            batches.append(current)
-            current, new_max = [], int(sizes[i])
-        current.append(i)
-        current_max = new_max
-    if current:
-        batches.append(current)
-
+    # Dense rank of (size, src_len, tgt_len): size v holds 2v keys, (s, v - 1) for s < v
+    # and then (v, t) for t < v, after the v * (v - 1) keys of the smaller sizes.
+    rank = sizes * (sizes - 1) + np.where(src_lens < sizes, src_lens, sizes + tgt_lens)
+    order = perm[_stable_argsort(rank[perm])]
+    ends = _pack(sizes[order], max_tokens, max_sentences)
+    batches = np.split(order, ends[:-1])
     if shuffle:
         batches = [batches[j] for j in rng.permutation(len(batches))]
     return batches
+
+
+def _stable_argsort(keys: np.ndarray) -> np.ndarray:
+    """``np.argsort(keys, kind="stable")`` for non-negative ints, as one or two passes of
+    numpy's radix sort on 16-bit digits (several times faster than its int64 timsort)."""
+    top = int(keys.max())
+    if top >= 2**32:
+        return np.argsort(keys, kind="stable")
+    order = np.argsort((keys & 0xFFFF).astype(np.uint16), kind="stable")
+    if top >= 2**16:
+        order = order[np.argsort((keys[order] >> 16).astype(np.uint16), kind="stable")]
+    return order
+
+
+def _pack(sorted_sizes: np.ndarray, max_tokens: int, max_sentences: int | None) -> np.ndarray:
+    """End positions of the greedy batches over non-decreasing ``sorted_sizes``.
+
+    A batch started at ``j`` takes example ``k >= j`` while ``(k - j + 1) * sorted_sizes[k] <=
+    max_tokens`` (the newest example is the largest so far). The product grows with ``k``, so
+    the batch is the longest prefix of ``sorted_sizes[j : j + max_tokens // sorted_sizes[j]]``
+    that satisfies it. Inside a run of one size ``v`` the batches are simply
+    ``min(max_tokens // v, max_sentences)`` long; only a batch that reaches past its run needs
+    that search, so the loop runs once per distinct size.
+    """
+    n = len(sorted_sizes)
+    cap = n if max_sentences is None else max_sentences
+    run_ends = np.append(np.flatnonzero(np.diff(sorted_sizes)) + 1, n)
+    ends = []
+    j = 0
+    for run_end in run_ends.tolist():
+        if j >= run_end:  # a previous batch reached past this run
+            continue
+        step = min(max_tokens // int(sorted_sizes[j]), cap)
+        whole = (run_end - j) // step  # batches that end inside the run
+        ends.append(j + step * np.arange(1, whole + 1))
+        j += step * whole
+        if j < run_end:  # the next batch starts in this run and reaches past it
+            window = sorted_sizes[j : j + step]
+            j += int(np.count_nonzero(np.arange(1, len(window) + 1) * window <= max_tokens))
+            ends.append(np.array([j]))
+    return np.concatenate(ends)
 
 
 def collate(
@@ -130,10 +169,12 @@ def collate(
     Args:
         src_seqs: source ids per example, used as given (must be non-empty).
         tgt_seqs: target ids per example, without bos/eos.
-        ids: the examples' corpus indices.
+        ids: the examples' corpus indices (a list or a 1-D array).
     """
-    if not (len(src_seqs) == len(tgt_seqs) == len(ids)) or not ids:
-        raise ValueError(f"need equal, non-zero numbers of src, tgt and ids, got {len(src_seqs)}, {len(tgt_seqs)}, {len(ids)}")
+    if not (len(src_seqs) == len(tgt_seqs) == len(ids)) or len(ids) == 0:
+        raise ValueError(
+            f"need equal, non-zero numbers of src, tgt and ids, got {len(src_seqs)}, {len(tgt_seqs)}, {len(ids)}"
+        )
     for seq, i in zip(src_seqs, ids):
         if len(seq) == 0:
             raise ValueError(f"example {i} has an empty source sequence")
@@ -153,7 +194,7 @@ def collate(
         tgt_out=tgt_out,
         ntokens=sum(len(t) + 1 for t in tgt_seqs),
         src_lengths=torch.tensor([len(s) for s in src_seqs], dtype=torch.long),
-        ids=list(ids),
+        ids=[int(i) for i in ids],
     )
 
 

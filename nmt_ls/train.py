@@ -30,7 +30,8 @@ from torch import nn
 from tqdm import tqdm
 
 from nmt_ls import checkpoint
-from nmt_ls.batching import Batch, batch_by_tokens, collate
+from nmt_ls.batching import Batch, batch_by_tokens
+from nmt_ls.binarize import MmapPairs, binarize_recipe
 from nmt_ls.config import RunConfig, to_dict
 from nmt_ls.criterions import CRITERIONS, build_criterion, import_user_module, reduce_metrics
 from nmt_ls.data import load_splits
@@ -78,26 +79,6 @@ class Timing:
 
 
 @dataclass
-class EncodedPairs:
-    """Token ids of a split in memory: ``src`` with eos, ``tgt`` without bos/eos."""
-
-    src: list[list[int]]
-    tgt: list[list[int]]
-    src_lens: list[int] = field(init=False)
-    tgt_lens: list[int] = field(init=False)
-
-    def __post_init__(self):
-        self.src_lens = [len(s) for s in self.src]
-        self.tgt_lens = [len(t) for t in self.tgt]
-
-    def __len__(self) -> int:
-        return len(self.src)
-
-    def batch(self, idx: list[int], tok: Tokenizer) -> Batch:
-        return collate([self.src[i] for i in idx], [self.tgt[i] for i in idx], idx, tok.pad_id, tok.bos_id, tok.eos_id)
-
-
-@dataclass
 class Run:
     """Everything the loop works with, built once by :func:`setup`."""
 
@@ -109,7 +90,7 @@ class Run:
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_data: EncodedPairs
+    train_data: MmapPairs  # every worker maps the same binarized files
     valid_batches: list[Batch]
     bleu_src: list[str]
     bleu_ref: list[str]
@@ -166,9 +147,10 @@ def tokenizer_spec(cfg: RunConfig) -> dict:
     return {"tokenizer": to_dict(cfg.tokenizer), "data": data}
 
 
-def load_tokenizer(cfg: RunConfig, train_pairs, world: World, ckpt: dict | None) -> Tokenizer:
+def load_tokenizer(cfg: RunConfig, world: World, ckpt: dict | None) -> Tokenizer:
     """The run's sentencepiece model: the checkpoint's when resuming; else ``spm.model`` in
-    ``out_dir`` if it was trained from the same options and data, else newly trained."""
+    ``out_dir`` if it was trained from the same options and data, else trained anew on the
+    train split (read only then)."""
     path, spec_path = Path(cfg.out_dir) / "spm.model", Path(cfg.out_dir) / "spm.json"
     spec = tokenizer_spec(cfg)
     if world.is_main and ckpt is not None:
@@ -182,6 +164,7 @@ def load_tokenizer(cfg: RunConfig, train_pairs, world: World, ckpt: dict | None)
         if old != spec:
             if path.exists():
                 log.info("retraining %s: it was trained from %s, the recipe asks for %s", path, old, spec)
+            train_pairs = load_splits(cfg.data, ("train",))["train"]
             t = cfg.tokenizer
             train_spm([s for s, _ in train_pairs] + [t_ for _, t_ in train_pairs], path.with_suffix(""),
                       t.vocab_size, model_type=t.model_type)
@@ -190,15 +173,13 @@ def load_tokenizer(cfg: RunConfig, train_pairs, world: World, ckpt: dict | None)
     return Tokenizer(path)
 
 
-def encode_pairs(tok: Tokenizer, pairs, max_positions: int) -> EncodedPairs:
-    """Subword ids with eos appended on the source (and added by ``collate`` on the target);
-    pairs longer than the model's positions are dropped."""
-    src = tok.encode_batch([s for s, _ in pairs])
-    tgt = tok.encode_batch([t for _, t in pairs])
-    keep = [i for i in range(len(pairs)) if len(src[i]) + 1 <= max_positions and len(tgt[i]) + 1 <= max_positions]
-    if len(keep) < len(pairs):
-        log.info("dropped %d pairs longer than max_positions=%d", len(pairs) - len(keep), max_positions)
-    return EncodedPairs([src[i] + [tok.eos_id] for i in keep], [tgt[i] for i in keep])
+def open_data(cfg: RunConfig, tok: Tokenizer, world: World) -> dict[str, MmapPairs]:
+    """The train and valid splits, binarized once (by the main worker, when the cache is
+    missing or stale) and memory-mapped by every worker: nothing is broadcast."""
+    if world.is_main:
+        binarize_recipe(cfg, tok.model_path)
+    world.barrier()
+    return binarize_recipe(cfg, tok.model_path, build=False)
 
 
 class DecoderFeatures(nn.Module):
@@ -228,16 +209,14 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
     random.seed(t.seed)
     torch.manual_seed(t.seed)
 
-    splits = world.broadcast(load_splits(cfg.data, ("train", "valid")) if world.is_main else None)
-    tok = load_tokenizer(cfg, splits["train"], world, ckpt)
-    train_data = encode_pairs(tok, splits["train"], cfg.model.max_positions)
-    if not len(train_data):
-        raise ValueError(f"no training pairs left in {cfg.data.dir} after filtering")
-    valid = encode_pairs(tok, splits["valid"], cfg.model.max_positions)
-    valid_batches = [valid.batch(idx, tok) for idx in batch_by_tokens(valid.src_lens, valid.tgt_lens, t.max_tokens,
-                                                                       shuffle=False)]
-    n_bleu = cfg.data.valid_bleu_sentences or len(splits["valid"])
-    bleu_src, bleu_ref = [s for s, _ in splits["valid"][:n_bleu]], [r for _, r in splits["valid"][:n_bleu]]
+    tok = load_tokenizer(cfg, world, ckpt)
+    data = open_data(cfg, tok, world)
+    train_data, valid = data["train"], data["valid"]
+    valid_batches = [valid.batch(idx, tok.pad_id, tok.bos_id, tok.eos_id)
+                     for idx in batch_by_tokens(valid.src_lens, valid.tgt_lens, t.max_tokens, shuffle=False)]
+    n_bleu = cfg.data.valid_bleu_sentences
+    bleu_pairs = world.broadcast(load_splits(cfg.data, ("valid",))["valid"][: n_bleu or None] if world.is_main else None)
+    bleu_src, bleu_ref = [s for s, _ in bleu_pairs], [r for _, r in bleu_pairs]
 
     model = build_model(tok.vocab_size, tok.pad_id, **dataclasses.asdict(cfg.model)).to(world.device)
     criterion = build_criterion(**criterion_kwargs(cfg, tok.pad_id))
@@ -516,7 +495,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         while p.batch_index < len(batches) and (reason := stop_reason(run)) is None:
             group = batches[p.batch_index : p.batch_index + t.update_freq]
             step_start = time.time()
-            result = train_step(run, [run.train_data.batch(idx, run.tok) for idx in group])
+            tok = run.tok
+            result = train_step(run, [run.train_data.batch(idx, tok.pad_id, tok.bos_id, tok.eos_id) for idx in group])
             p.batch_index += len(group)
             p.elapsed = time.time() - clock
             if p.update >= t.warmup_steps:

@@ -1,5 +1,6 @@
 import random
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,6 +13,35 @@ PAD, BOS, EOS = 0, 2, 3
 
 def padded_size(batch, src_lens, tgt_lens):
     return len(batch) * max(max(src_lens[i], tgt_lens[i] + 1) for i in batch)
+
+
+def as_lists(batches):
+    return [b.tolist() for b in batches]
+
+
+def reference_batches(src_lens, tgt_lens, max_tokens, max_sentences=None, seed=0, epoch=0, shuffle=True):
+    """The implementation before vectorisation (an example at a time), kept as the oracle."""
+    src_lens, tgt_lens = np.asarray(src_lens, dtype=np.int64), np.asarray(tgt_lens, dtype=np.int64)
+    sizes = np.maximum(src_lens, tgt_lens + 1)
+    rng = np.random.default_rng(seed + epoch)
+    perm = rng.permutation(len(sizes)) if shuffle else np.arange(len(sizes))
+    order = perm[np.lexsort((tgt_lens[perm], src_lens[perm], sizes[perm]))]
+    batches, current, current_max = [], [], 0
+    for i in order.tolist():
+        new_max = max(current_max, int(sizes[i]))
+        full = (len(current) + 1) * new_max > max_tokens
+        if max_sentences is not None and len(current) + 1 > max_sentences:
+            full = True
+        if current and full:
+            batches.append(current)
+            current, new_max = [], int(sizes[i])
+        current.append(i)
+        current_max = new_max
+    if current:
+        batches.append(current)
+    if shuffle:
+        batches = [batches[j] for j in rng.permutation(len(batches))]
+    return batches
 
 
 @st.composite
@@ -31,8 +61,41 @@ def test_batches_respect_budget_and_cover_every_example_once(corpus, epoch, shuf
     batches = batch_by_tokens(src_lens, tgt_lens, max_tokens, max_sentences, seed=1, epoch=epoch, shuffle=shuffle)
     assert sorted(i for b in batches for i in b) == list(range(len(src_lens)))
     for b in batches:
-        assert b and padded_size(b, src_lens, tgt_lens) <= max_tokens
+        assert b.dtype == np.int64 and len(b) and padded_size(b, src_lens, tgt_lens) <= max_tokens
         assert max_sentences is None or len(b) <= max_sentences
+
+
+@st.composite
+def wide_corpora(draw):
+    """Lengths up to 300, so that the sort key needs two 16-bit radix passes (size > 255)."""
+    n = draw(st.integers(0, 300))
+    top = draw(st.integers(1, 300))
+    src_lens = draw(st.lists(st.integers(0, top), min_size=n, max_size=n))
+    tgt_lens = draw(st.lists(st.integers(0, top), min_size=n, max_size=n))
+    max_tokens = draw(st.integers(top + 1, 4000))
+    max_sentences = draw(st.one_of(st.none(), st.integers(1, 80)))
+    return src_lens, tgt_lens, max_tokens, max_sentences
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(corpora(), wide_corpora()), st.integers(0, 1000), st.integers(0, 3), st.booleans())
+def test_same_batches_as_the_example_at_a_time_reference(corpus, seed, epoch, shuffle):
+    src_lens, tgt_lens, max_tokens, max_sentences = corpus
+    src_array = np.array(src_lens, dtype=np.uint16)  # as MmapPairs maps them
+    got = batch_by_tokens(src_array, tgt_lens, max_tokens, max_sentences, seed, epoch, shuffle)
+    assert as_lists(got) == reference_batches(src_lens, tgt_lens, max_tokens, max_sentences, seed, epoch, shuffle)
+
+
+def test_same_batches_as_the_reference_on_a_large_random_corpus():
+    rng = np.random.default_rng(0)
+    src_lens, tgt_lens = rng.integers(1, 257, 20_000), rng.integers(0, 256, 20_000)
+    for max_sentences in (None, 7):
+        got = batch_by_tokens(src_lens, tgt_lens, 4000, max_sentences, seed=3, epoch=1)
+        assert as_lists(got) == reference_batches(src_lens, tgt_lens, 4000, max_sentences, seed=3, epoch=1)
+
+
+def test_empty_corpus_gives_no_batches():
+    assert batch_by_tokens([], [], 10) == []
 
 
 @settings(max_examples=50, deadline=None)
@@ -51,16 +114,16 @@ def lengths(n=500, seed=0):
 
 def test_same_seed_and_epoch_same_batches_other_epoch_other_order():
     src_lens, tgt_lens = lengths()
-    a = batch_by_tokens(src_lens, tgt_lens, 400, seed=7, epoch=3)
-    assert a == batch_by_tokens(src_lens, tgt_lens, 400, seed=7, epoch=3)
-    assert a != batch_by_tokens(src_lens, tgt_lens, 400, seed=7, epoch=4)
-    assert a != batch_by_tokens(src_lens, tgt_lens, 400, seed=8, epoch=3)
+    a = as_lists(batch_by_tokens(src_lens, tgt_lens, 400, seed=7, epoch=3))
+    assert a == as_lists(batch_by_tokens(src_lens, tgt_lens, 400, seed=7, epoch=3))
+    assert a != as_lists(batch_by_tokens(src_lens, tgt_lens, 400, seed=7, epoch=4))
+    assert a != as_lists(batch_by_tokens(src_lens, tgt_lens, 400, seed=8, epoch=3))
 
 
 def test_no_shuffle_keeps_size_order_and_corpus_order_on_ties():
     src_lens, tgt_lens = [3, 1, 3, 2, 1], [1, 1, 1, 1, 1]
     batches = batch_by_tokens(src_lens, tgt_lens, 6, shuffle=False, seed=123)
-    assert batches == [[1, 4, 3], [0, 2]]  # sizes 2,2,2 | 3,3
+    assert as_lists(batches) == [[1, 4, 3], [0, 2]]  # sizes 2,2,2 | 3,3
 
 
 def test_example_over_budget_is_an_error():
@@ -70,6 +133,8 @@ def test_example_over_budget_is_an_error():
         batch_by_tokens([2], [10], max_tokens=10)  # tgt needs 10 + 1 positions
     with pytest.raises(ValueError, match="equal in length"):
         batch_by_tokens([1, 2], [1], max_tokens=10)
+    with pytest.raises(ValueError, match="lengths must be >= 0, got src min 1, tgt min -1"):
+        batch_by_tokens([1, 2], [1, -1], max_tokens=10)
 
 
 def test_collate_shapes_and_contents():
@@ -86,6 +151,8 @@ def test_collate_shapes_and_contents():
     # teacher forcing: tgt_in is tgt_out shifted right by one, wherever tgt_in is not pad
     keep = batch.tgt_in[:, 1:].ne(PAD)
     assert torch.equal(batch.tgt_in[:, 1:][keep], batch.tgt_out[:, :-1][keep])
+    from_array = collate(src, tgt, ids=np.array([7, 4]), pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    assert from_array.ids == [7, 4] and all(type(i) is int for i in from_array.ids)
     moved = batch.to("cpu")
     assert torch.equal(moved.src, batch.src) and moved.ntokens == batch.ntokens
 

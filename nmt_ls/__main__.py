@@ -1,4 +1,4 @@
-"""``nmt-ls`` (or ``python -m nmt_ls``): prepare, train, run, translate, score, plot, average.
+"""``nmt-ls`` (or ``python -m nmt_ls``): prepare, binarize, train, run, translate, score, plot, average.
 
     nmt-ls run recipes/lohelp_en_de.yaml                 # data, training, test BLEU, plot
     nmt-ls train recipes/lohelp_en_de.yaml train.lr=5e-4 --resume
@@ -42,6 +42,23 @@ def cmd_train(args) -> dict:
     cfg = load_recipe(args.recipe, args.overrides)
     _setup_logging(Path(cfg.out_dir))
     return train(cfg, resume=args.resume)
+
+
+def cmd_binarize(args) -> int:
+    """Train the tokenizer if needed and binarize the recipe's train and valid splits."""
+    from nmt_ls.binarize import binarize_recipe
+    from nmt_ls.config import load_recipe
+    from nmt_ls.distributed import World, resolve_device
+    from nmt_ls.train import check_config, load_tokenizer
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    check_config(cfg)
+    _setup_logging()
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(cfg, World(0, 1, resolve_device("cpu")), None)
+    for name, corpus in binarize_recipe(cfg, tok.model_path, num_workers=args.workers).items():
+        print(f"{name}: {len(corpus)} pairs in {corpus.path}")
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -134,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=5e-4")
         s.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint_last.pt")
         s.set_defaults(func=func)
+
+    s = sub.add_parser("binarize", help="encode a recipe's train/valid splits once into memory-mapped arrays")
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.dir=data/big")
+    s.add_argument("--workers", type=int, default=None, help="encoding processes (default: all CPUs)")
+    s.set_defaults(func=cmd_binarize)
 
     s = sub.add_parser("translate", help="translate a file or stdin with a checkpoint")
     s.add_argument("checkpoint")

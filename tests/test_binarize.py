@@ -203,3 +203,17 @@ def test_binarize_recipe_matches_load_splits(spm_path, tmp_path):
         corpus = corpora[name]
         assert corpus.get(np.arange(len(corpus))) == expected.get(range(len(expected)))
         assert corpus.path.parent == tmp_path / "run" / "data-bin"
+
+
+def test_binarize_command_then_training_maps_the_same_cache(tmp_path, capsys):
+    from nmt_ls.__main__ import main
+
+    from conftest import SMOKE_RECIPE, overrides
+
+    args = overrides(tmp_path / "run", "train.max_updates=2")
+    assert main(["binarize", SMOKE_RECIPE, *args, "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 2600 pairs in" in out and "valid: 200 pairs in" in out
+    built = sorted(p.name for p in (tmp_path / "run" / "data-bin").iterdir() if not p.name.startswith("."))
+    assert main(["train", SMOKE_RECIPE, *args]) == 0
+    assert sorted(p.name for p in (tmp_path / "run" / "data-bin").iterdir() if not p.name.startswith(".")) == built

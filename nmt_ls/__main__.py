@@ -1,10 +1,11 @@
 """``nmt-ls`` (or ``python -m nmt_ls``): prepare, binarize, train, run, translate, score, plot, average.
 
-    nmt-ls run recipes/lohelp_en_de.yaml                 # data, training, test BLEU, plot
-    nmt-ls train recipes/lohelp_en_de.yaml train.lr=5e-4 --resume
-    nmt-ls translate runs/lohelp_en_de/checkpoint_best.pt < in.en > out.de
-    nmt-ls score out.de --ref data/lohelp_en_de/test.de
+nmt-ls run recipes/lohelp_en_de.yaml                 # data, training, test BLEU, plot
+nmt-ls train recipes/lohelp_en_de.yaml train.lr=5e-4 --resume
+nmt-ls translate runs/lohelp_en_de/checkpoint_best.pt < in.en > out.de
+nmt-ls score out.de --ref data/lohelp_en_de/test.de
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,13 @@ def _setup_logging(out_dir: Path | None = None) -> None:
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(out_dir / "train.log", encoding="utf-8"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-                        datefmt="%H:%M:%S", handlers=handlers, force=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=handlers,
+        force=True,
+    )
 
 
 def cmd_prepare(args) -> int:
@@ -76,14 +82,25 @@ def cmd_run(args) -> int:
     _setup_logging(out_dir)
     summary = train(cfg, resume=args.resume)
     test = load_splits(cfg.data, splits=("test",))["test"]
-    scores = score_test_split(summary["checkpoint_best"], [s for s, _ in test], [r for _, r in test], to_dict(cfg.eval),
-                              out_dir, cfg.data.tgt_lang, resolve_device(cfg.train.device))
+    scores = score_test_split(
+        summary["checkpoint_best"],
+        [s for s, _ in test],
+        [r for _, r in test],
+        to_dict(cfg.eval),
+        out_dir,
+        cfg.data.tgt_lang,
+        resolve_device(cfg.train.device),
+    )
     png = plot_log(summary["log"], out_dir / "curves.png")
     minutes = (time.time() - start) / 60
-    (out_dir / "summary.json").write_text(json.dumps({"train": summary, "test": scores, "total_minutes": minutes}, indent=2),
-                                          encoding="utf-8")
-    print(f"\nrun {cfg.name} finished in {minutes:.1f} min ({summary['updates']} updates, {summary['minutes']:.1f} min training)")
-    print(f"  test BLEU (beam {scores['beam']['beam_size']}): {scores['beam']['bleu']:.2f}   greedy: {scores['greedy']['bleu']:.2f}")
+    (out_dir / "summary.json").write_text(
+        json.dumps({"train": summary, "test": scores, "total_minutes": minutes}, indent=2), encoding="utf-8"
+    )
+    beam, greedy = scores["beam"], scores["greedy"]
+    print(
+        f"\nrun {cfg.name} finished in {minutes:.1f} min ({summary['updates']} updates, {summary['minutes']:.1f} min training)"
+    )
+    print(f"  test BLEU (beam {beam['beam_size']}): {beam['bleu']:.2f}   greedy: {greedy['bleu']:.2f}")
     print(f"  signature:  {scores['beam']['bleu_signature']}")
     print(f"  log:        {summary['log']}")
     print(f"  plot:       {png}")
@@ -103,10 +120,17 @@ def cmd_translate(args) -> int:
     model, tok, cfg = load_for_inference(args.checkpoint, device)
     lines = read_lines(args.input) if args.input != "-" else split_lines(sys.stdin.read())
     e = cfg["eval"]
-    hyps = translate(model, tok, lines, beam_size=args.beam if args.beam is not None else e["beam_size"],
-                     len_penalty=args.len_penalty if args.len_penalty is not None else e["len_penalty"],
-                     max_len_a=e["max_len_a"], max_len_b=e["max_len_b"], max_tokens=args.max_tokens or e["max_tokens"],
-                     progress=sys.stderr.isatty() or args.progress)
+    hyps = translate(
+        model,
+        tok,
+        lines,
+        beam_size=args.beam if args.beam is not None else e["beam_size"],
+        len_penalty=args.len_penalty if args.len_penalty is not None else e["len_penalty"],
+        max_len_a=e["max_len_a"],
+        max_len_b=e["max_len_b"],
+        max_tokens=args.max_tokens or e["max_tokens"],
+        progress=sys.stderr.isatty() or args.progress,
+    )
     write_lines(sys.stdout if args.output == "-" else args.output, hyps)
     return 0
 
@@ -137,15 +161,21 @@ def cmd_average(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nmt-ls", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="nmt-ls", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("prepare", help="prepare the LibreOffice help corpus (see nmt-ls prepare --help)", add_help=False)
+    s = sub.add_parser(
+        "prepare", help="prepare the LibreOffice help corpus (see nmt-ls prepare --help)", add_help=False
+    )
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_prepare)
 
-    for name, func, help_ in (("train", cmd_train, "train from a recipe"),
-                              ("run", cmd_run, "prepare, train, test BLEU and plot: the whole recipe")):
+    for name, func, help_ in (
+        ("train", cmd_train, "train from a recipe"),
+        ("run", cmd_run, "prepare, train, test BLEU and plot: the whole recipe"),
+    ):
         s = sub.add_parser(name, help=help_)
         s.add_argument("recipe", help="YAML recipe under recipes/")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=5e-4")
@@ -174,10 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ref", nargs="+", required=True, help="one or more reference files")
     s.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     test = s.add_mutually_exclusive_group()
-    test.add_argument("--paired-bs", action="store_true",
-                      help="paired bootstrap resampling against the first file: 95%% CIs and p-values")
-    test.add_argument("--paired-ar", action="store_true",
-                      help="paired approximate randomization against the first file: p-values")
+    test.add_argument(
+        "--paired-bs",
+        action="store_true",
+        help="paired bootstrap resampling against the first file: 95%% CIs and p-values",
+    )
+    test.add_argument(
+        "--paired-ar", action="store_true", help="paired approximate randomization against the first file: p-values"
+    )
     s.add_argument("--paired-bs-n", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
     s.add_argument("--paired-ar-n", type=int, default=10000, help="randomization trials (default: %(default)s)")
     s.set_defaults(func=cmd_score)

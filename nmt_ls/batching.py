@@ -42,7 +42,10 @@ class Batch:
     def to(self, device, non_blocking: bool = False) -> Batch:
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return replace(
-            self, src=move(self.src), tgt_in=move(self.tgt_in), tgt_out=move(self.tgt_out),
+            self,
+            src=move(self.src),
+            tgt_in=move(self.tgt_in),
+            tgt_out=move(self.tgt_out),
             src_lengths=move(self.src_lengths),
         )
 

@@ -157,8 +157,10 @@ class MmapPairs(_Pairs):
             self._ids[side] = self._map(f"{side}.bin", self.meta["id_dtype"], tokens)
             self._offsets[side] = self._map(f"{side}.idx", "int64", n + 1)
             if self._offsets[side][-1] != tokens:
-                raise ValueError(f"{self.path / (side + '.idx')}: last offset {self._offsets[side][-1]}, "
-                                 f"expected {tokens}; delete {self.path} to rebuild it")
+                raise ValueError(
+                    f"{self.path / (side + '.idx')}: last offset {self._offsets[side][-1]}, "
+                    f"expected {tokens}; delete {self.path} to rebuild it"
+                )
         self.src_lens = self._map("src.len", self.meta["len_dtype"], n)
         self.tgt_lens = self._map("tgt.len", self.meta["len_dtype"], n)
 
@@ -167,8 +169,10 @@ class MmapPairs(_Pairs):
         expected = count * np.dtype(dtype).itemsize
         size = path.stat().st_size if path.is_file() else None
         if size != expected:
-            raise ValueError(f"{path}: {'missing' if size is None else f'{size} bytes'}, expected {expected} bytes: "
-                             f"truncated or incomplete binarized corpus; delete {self.path} to rebuild it")
+            raise ValueError(
+                f"{path}: {'missing' if size is None else f'{size} bytes'}, expected {expected} bytes: "
+                f"truncated or incomplete binarized corpus; delete {self.path} to rebuild it"
+            )
         if count == 0:
             return np.zeros(0, dtype=dtype)
         # A plain ndarray view of the map: slicing it is several times cheaper than slicing np.memmap.
@@ -232,10 +236,19 @@ def _encode_chunk(task: tuple) -> dict:
     tgt_lens = np.fromiter(map(len, tgt_ids), dtype=np.int64, count=len(tgt_ids))
     keep = (src_lens <= opts["max_positions"]) & (tgt_lens + 1 <= opts["max_positions"])
     dtype = np.dtype(opts["id_dtype"])
-    return {"src": _flatten(src_ids, keep, dtype), "tgt": _flatten(tgt_ids, keep, dtype),
-            "src_lens": src_lens[keep], "tgt_lens": tgt_lens[keep],
-            "counts": {"n_read": report.n_read, "n_empty": report.n_empty, "n_too_long": report.n_too_long,
-                       "n_bad_ratio": report.n_bad_ratio, "n_over_positions": int((~keep).sum())}}
+    return {
+        "src": _flatten(src_ids, keep, dtype),
+        "tgt": _flatten(tgt_ids, keep, dtype),
+        "src_lens": src_lens[keep],
+        "tgt_lens": tgt_lens[keep],
+        "counts": {
+            "n_read": report.n_read,
+            "n_empty": report.n_empty,
+            "n_too_long": report.n_too_long,
+            "n_bad_ratio": report.n_bad_ratio,
+            "n_over_positions": int((~keep).sum()),
+        },
+    }
 
 
 def _encode_all(tasks: Iterator[tuple], spm_path: str, num_workers: int) -> Iterator[dict]:
@@ -251,8 +264,9 @@ def _encode_all(tasks: Iterator[tuple], spm_path: str, num_workers: int) -> Iter
         _init_worker(spm_path)
         yield from map(_encode_chunk, tasks)
         return
-    pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=_init_worker, initargs=(spm_path,))
+    pool = ProcessPoolExecutor(
+        num_workers, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker, initargs=(spm_path,)
+    )
     try:
         pending: deque = deque()
         for task in tasks:
@@ -320,25 +334,51 @@ def _source_chunks(source, src_lang, tgt_lang, split, fmt, config, opts, chunk_s
         for first, src, tgt in _text_chunks(src_path, tgt_path, chunk_size):
             yield first, src, tgt, names, opts
         return
-    src, tgt = read_pairs(source, src_lang, tgt_lang, split=split, fmt=fmt, config=config,
-                          max_len=opts["max_len"], max_ratio=opts["max_ratio"])
+    src, tgt = read_pairs(
+        source,
+        src_lang,
+        tgt_lang,
+        split=split,
+        fmt=fmt,
+        config=config,
+        max_len=opts["max_len"],
+        max_ratio=opts["max_ratio"],
+    )
     for start in range(0, len(src), chunk_size):  # re-filtering filtered pairs drops nothing
         yield start + 1, src[start : start + chunk_size], tgt[start : start + chunk_size], (source, source), opts
 
 
-def key_inputs(source, src_lang: str, tgt_lang: str, split: str, spm_path, max_positions: int,
-               fmt: str | None = None, config: str | None = None, max_len: int | None = None,
-               max_ratio: float | None = None) -> dict:
+def key_inputs(
+    source,
+    src_lang: str,
+    tgt_lang: str,
+    split: str,
+    spm_path,
+    max_positions: int,
+    fmt: str | None = None,
+    config: str | None = None,
+    max_len: int | None = None,
+    max_ratio: float | None = None,
+) -> dict:
     """What a cache's key is computed from (see the module docstring); ``cache_key`` hashes it."""
     fmt = fmt or infer_format(source, src_lang, tgt_lang, split)
     files = []
     for path in _corpus_files(source, src_lang, tgt_lang, split, fmt):
         st = path.stat()
         files.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return {"layout": LAYOUT, "source": str(source), "split": split, "fmt": fmt, "config": config,
-            "langs": [src_lang, tgt_lang], "files": files,
-            "spm_sha256": hashlib.sha256(Path(spm_path).read_bytes()).hexdigest(),
-            "max_len": max_len, "max_ratio": max_ratio, "max_positions": max_positions}
+    return {
+        "layout": LAYOUT,
+        "source": str(source),
+        "split": split,
+        "fmt": fmt,
+        "config": config,
+        "langs": [src_lang, tgt_lang],
+        "files": files,
+        "spm_sha256": hashlib.sha256(Path(spm_path).read_bytes()).hexdigest(),
+        "max_len": max_len,
+        "max_ratio": max_ratio,
+        "max_positions": max_positions,
+    }
 
 
 def cache_key(inputs: dict) -> str:
@@ -383,10 +423,23 @@ def _write_json_synced(path: Path, obj: dict) -> None:
         os.fsync(f.fileno())
 
 
-def binarize(source, src_lang: str, tgt_lang: str, spm_path, out_dir, *, split: str = "train",
-             max_positions: int = 1024, fmt: str | None = None, config: str | None = None,
-             max_len: int | None = None, max_ratio: float | None = None, num_workers: int | None = None,
-             chunk_size: int = 10_000, pairs: list[tuple[str, str]] | None = None) -> Path:
+def binarize(
+    source,
+    src_lang: str,
+    tgt_lang: str,
+    spm_path,
+    out_dir,
+    *,
+    split: str = "train",
+    max_positions: int = 1024,
+    fmt: str | None = None,
+    config: str | None = None,
+    max_len: int | None = None,
+    max_ratio: float | None = None,
+    num_workers: int | None = None,
+    chunk_size: int = 10_000,
+    pairs: list[tuple[str, str]] | None = None,
+) -> Path:
     """Encode one split into the cache directory ``out_dir``, atomically.
 
     Args:
@@ -424,18 +477,36 @@ def binarize(source, src_lang: str, tgt_lang: str, spm_path, out_dir, *, split: 
             counts.update(chunk["counts"])
         writer.close()
         _check_counts(counts, writer.n, source, split)
-        meta = {"layout": LAYOUT, "key": cache_key(inputs), "key_inputs": inputs, "n": writer.n,
-                "src_tokens": writer.tokens["src"], "tgt_tokens": writer.tokens["tgt"], "id_dtype": id_dtype.name,
-                "len_dtype": len_dtype.name, "vocab_size": tok.vocab_size, "counts": dict(counts),
-                "seconds": round(time.time() - start, 3), "num_workers": num_workers}
+        meta = {
+            "layout": LAYOUT,
+            "key": cache_key(inputs),
+            "key_inputs": inputs,
+            "n": writer.n,
+            "src_tokens": writer.tokens["src"],
+            "tgt_tokens": writer.tokens["tgt"],
+            "id_dtype": id_dtype.name,
+            "len_dtype": len_dtype.name,
+            "vocab_size": tok.vocab_size,
+            "counts": dict(counts),
+            "seconds": round(time.time() - start, 3),
+            "num_workers": num_workers,
+        }
         _write_json_synced(tmp / "meta.json", meta)
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("binarized %s[%s] into %s: kept %d/%d pairs (%s) in %.1f s on %d worker(s)", source, split, out_dir,
-             writer.n, counts["n_read"], ", ".join(f"{k} {v}" for k, v in counts.items() if k != "n_read"),
-             meta["seconds"], num_workers)
+    log.info(
+        "binarized %s[%s] into %s: kept %d/%d pairs (%s) in %.1f s on %d worker(s)",
+        source,
+        split,
+        out_dir,
+        writer.n,
+        counts["n_read"],
+        ", ".join(f"{k} {v}" for k, v in counts.items() if k != "n_read"),
+        meta["seconds"],
+        num_workers,
+    )
     return out_dir
 
 
@@ -474,10 +545,23 @@ def _open_valid(path: Path, key: str) -> MmapPairs | None:
     return corpus
 
 
-def open_or_build(source, src_lang: str, tgt_lang: str, *, split: str, spm_path, cache_dir, max_positions: int,
-                  fmt: str | None = None, config: str | None = None, max_len: int | None = None,
-                  max_ratio: float | None = None, num_workers: int | None = None, build: bool = True,
-                  pairs=None) -> MmapPairs:
+def open_or_build(
+    source,
+    src_lang: str,
+    tgt_lang: str,
+    *,
+    split: str,
+    spm_path,
+    cache_dir,
+    max_positions: int,
+    fmt: str | None = None,
+    config: str | None = None,
+    max_len: int | None = None,
+    max_ratio: float | None = None,
+    num_workers: int | None = None,
+    build: bool = True,
+    pairs=None,
+) -> MmapPairs:
     """The binarized split for these inputs, built first if no complete cache has their key.
 
     Safe to call from every worker at once: one builds (under a lock), the others wait
@@ -505,9 +589,21 @@ def open_or_build(source, src_lang: str, tgt_lang: str, *, split: str, spm_path,
             shutil.rmtree(path, ignore_errors=True)
             for leftover in cache_dir.glob(f".tmp.{path.name}.*"):
                 shutil.rmtree(leftover, ignore_errors=True)
-            binarize(source, src_lang, tgt_lang, spm_path, path, split=split, max_positions=max_positions,
-                     fmt=inputs["fmt"], config=config, max_len=max_len, max_ratio=max_ratio, num_workers=num_workers,
-                     pairs=pairs() if pairs is not None else None)
+            binarize(
+                source,
+                src_lang,
+                tgt_lang,
+                spm_path,
+                path,
+                split=split,
+                max_positions=max_positions,
+                fmt=inputs["fmt"],
+                config=config,
+                max_len=max_len,
+                max_ratio=max_ratio,
+                num_workers=num_workers,
+                pairs=pairs() if pairs is not None else None,
+            )
             corpus = MmapPairs(path)
     return corpus
 
@@ -521,8 +617,9 @@ def corpus_source(d) -> str:
     return d.dir if d.corpus == "files" or d.corpus in CORPORA else (d.path or d.hub_name)
 
 
-def binarize_recipe(cfg, spm_path, cache_dir=None, num_workers: int | None = None,
-                    build: bool = True) -> dict[str, MmapPairs]:
+def binarize_recipe(
+    cfg, spm_path, cache_dir=None, num_workers: int | None = None, build: bool = True
+) -> dict[str, MmapPairs]:
     """The train and valid splits of a recipe (a ``config.RunConfig``), binarized.
 
     Filters as ``data.load_splits`` + ``encode_pairs``: ``max_len``/``max_ratio`` on train
@@ -542,7 +639,19 @@ def binarize_recipe(cfg, spm_path, cache_dir=None, num_workers: int | None = Non
     for name, split in (("train", d.train_split), ("valid", d.valid_split)):
         filters = {"max_len": d.max_len, "max_ratio": d.max_ratio} if name == "train" else {}
         pairs = None if local else functools.partial(lambda which: load_splits(d, (which,))[which], name)
-        out[name] = open_or_build(source, d.src_lang, d.tgt_lang, split=split, spm_path=spm_path, cache_dir=cache_dir,
-                                  max_positions=cfg.model.max_positions, config=config, num_workers=num_workers,
-                                  build=build, pairs=pairs, fmt=None if local else "hf", **filters)
+        out[name] = open_or_build(
+            source,
+            d.src_lang,
+            d.tgt_lang,
+            split=split,
+            spm_path=spm_path,
+            cache_dir=cache_dir,
+            max_positions=cfg.model.max_positions,
+            config=config,
+            num_workers=num_workers,
+            build=build,
+            pairs=pairs,
+            fmt=None if local else "hf",
+            **filters,
+        )
     return out

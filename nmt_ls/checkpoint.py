@@ -8,6 +8,7 @@ parameters and optimizer state to wherever the model lives, while the RNG states
 sentencepiece bytes must stay CPU tensors (``torch.set_rng_state`` and ``.numpy()`` refuse
 anything else).
 """
+
 from __future__ import annotations
 
 import logging
@@ -92,8 +93,9 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all([t.cpu() for t in rng["cuda"]])
 
 
-def training_state(model: nn.Module, optimizer, scheduler, config: dict, spm_path: str | Path, progress: dict,
-                   rngs: list[dict]) -> dict:
+def training_state(
+    model: nn.Module, optimizer, scheduler, config: dict, spm_path: str | Path, progress: dict, rngs: list[dict]
+) -> dict:
     """Everything ``--resume`` needs, plus what inference needs; ``rngs[r]`` is worker r's."""
     return {
         "format": FORMAT,
@@ -114,8 +116,11 @@ def restore_training(ckpt: dict, model: nn.Module, optimizer, scheduler, rank: i
     scheduler.load_state_dict(ckpt["scheduler"])
     rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # before nmt_ls 0.2: rank 0's only
     if len(rngs) != world_size and rank == 0:
-        log.warning("checkpoint saved by %d worker(s), resuming with %d: dropout masks will differ from an "
-                    "uninterrupted run", len(rngs), world_size)
+        log.warning(
+            "checkpoint saved by %d worker(s), resuming with %d: dropout masks will differ from an uninterrupted run",
+            len(rngs),
+            world_size,
+        )
     restore_rng(rngs[rank % len(rngs)])
 
 

@@ -5,6 +5,7 @@
 Unknown keys and wrong types raise :class:`ConfigError` naming the key (``train.lrr``) and
 listing the valid ones; dotted overrides are parsed with ``ast.literal_eval``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -223,6 +224,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 def to_dict(cfg) -> dict:
     """Plain nested dict (tuples as lists), for YAML files and checkpoints."""
+
     def plain(x):
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}

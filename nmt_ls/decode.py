@@ -28,8 +28,9 @@ def _max_lens(model: Seq2Seq, src: Tensor, pad_id: int, max_len_a: float, max_le
     return max_lens.clamp(min=0, max=model.max_positions - 1)
 
 
-def _next_lprobs(model: Seq2Seq, tokens: Tensor, memory: Tensor, src_pad_mask: Tensor, cache, bos_id: int,
-                 pad_id: int) -> Tensor:
+def _next_lprobs(
+    model: Seq2Seq, tokens: Tensor, memory: Tensor, src_pad_mask: Tensor, cache, bos_id: int, pad_id: int
+) -> Tensor:
     """Log-probabilities of the next token given the prefix ``tokens`` (N, t): (N, V)."""
     if cache is not None:
         features = model.decode(tokens[:, -1:], memory, src_pad_mask, cache)  # (N, 1, D)
@@ -52,8 +53,16 @@ def _eval_mode(model: Seq2Seq):
 
 
 @torch.no_grad()
-def greedy_search(model: Seq2Seq, src: Tensor, bos_id: int, eos_id: int, pad_id: int,
-                  max_len_a: float = 1.2, max_len_b: int = 10, use_cache: bool = True) -> list[list[int]]:
+def greedy_search(
+    model: Seq2Seq,
+    src: Tensor,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    max_len_a: float = 1.2,
+    max_len_b: int = 10,
+    use_cache: bool = True,
+) -> list[list[int]]:
     """Greedy decoding, batched over sentences.
 
     Args:
@@ -95,16 +104,27 @@ def greedy_search(model: Seq2Seq, src: Tensor, bos_id: int, eos_id: int, pad_id:
 
 def _length_norm(length: int, len_penalty: float, style: str) -> float:
     if style == "fairseq":
-        return length ** len_penalty
+        return length**len_penalty
     if style == "gnmt":
         return ((5 + length) / 6) ** len_penalty
     raise ValueError(f"len_penalty_style must be 'fairseq' or 'gnmt', got {style!r}")
 
 
 @torch.no_grad()
-def beam_search(model: Seq2Seq, src: Tensor, bos_id: int, eos_id: int, pad_id: int, beam_size: int = 5,
-                len_penalty: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10, nbest: int = 1,
-                use_cache: bool = True, len_penalty_style: str = "fairseq") -> list[list[tuple[list[int], float]]]:
+def beam_search(
+    model: Seq2Seq,
+    src: Tensor,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    beam_size: int = 5,
+    len_penalty: float = 1.0,
+    max_len_a: float = 1.2,
+    max_len_b: int = 10,
+    nbest: int = 1,
+    use_cache: bool = True,
+    len_penalty_style: str = "fairseq",
+) -> list[list[tuple[list[int], float]]]:
     """Beam search, batched over sentences (all beams of all sentences in one tensor).
 
     Scores: a hypothesis of ``L`` tokens plus eos has log-probability ``lp_sum`` (eos

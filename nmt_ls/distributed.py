@@ -4,6 +4,7 @@ One process trains on CPU or one GPU. Under ``torchrun`` each worker joins the p
 (gloo on CPU, nccl on GPU) and :class:`World` carries its rank; with one worker every
 collective is the identity, so the loop reads the same either way.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Corpus metrics with sacreBLEU (BLEU, chrF++, TER; paired significance tests) and line-aligned text files."""
+
 from __future__ import annotations
 
 import logging
@@ -157,7 +158,7 @@ def score_files(
 
 
 def _cell(result: dict) -> str:
-    """"33.41", "33.41 (33.40 ± 2.01)" with a bootstrap mean and CI, then " p=0.0010*" with a p-value."""
+    """ "33.41", "33.41 (33.40 ± 2.01)" with a bootstrap mean and CI, then " p=0.0010*" with a p-value."""
     text = f"{result['score']:.2f}"
     if result["mean"] is not None:
         text += f" ({result['mean']:.2f} ± {result['ci']:.2f})"
@@ -179,8 +180,9 @@ def format_scores(result: dict) -> str:
     widths = [max(len(line[j]) for line in table) for j in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in table]
     if result["paired"] == "bs":
-        lines.append("score (bootstrap mean ± 95% CI), p-value of the paired bootstrap test against the baseline"
-                     " (* p < 0.05)")
+        lines.append(
+            "score (bootstrap mean ± 95% CI), p-value of the paired bootstrap test against the baseline (* p < 0.05)"
+        )
     elif result["paired"] == "ar":
         lines.append("score, p-value of the approximate randomization test against the baseline (* p < 0.05)")
     lines += [f"{name} {sig}" for name, sig in sigs.items()]

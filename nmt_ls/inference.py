@@ -1,8 +1,9 @@
 """Inference from a checkpoint: load it, translate lines of text, score the test split.
 
-    model, tok, cfg = load_for_inference("runs/x/checkpoint_best.pt", device="cuda")
-    hyps = translate(model, tok, ["Click OK."], beam_size=5)
+model, tok, cfg = load_for_inference("runs/x/checkpoint_best.pt", device="cuda")
+hyps = translate(model, tok, ["Click OK."], beam_size=5)
 """
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,15 @@ def translate(
     return hyps
 
 
-def score_test_split(ckpt_path: str | Path, src: list[str], ref: list[str], eval_cfg: dict, out_dir: Path,
-                     tgt_lang: str, device: torch.device | str = "cpu") -> dict:
+def score_test_split(
+    ckpt_path: str | Path,
+    src: list[str],
+    ref: list[str],
+    eval_cfg: dict,
+    out_dir: Path,
+    tgt_lang: str,
+    device: torch.device | str = "cpu",
+) -> dict:
     """Translate the test split greedily and with the recipe's beam, write the hypotheses to
     ``out_dir/test.{greedy,beam}.{tgt_lang}``, score them (BLEU, chrF with signatures) and
     write ``out_dir/test_scores.json``."""
@@ -91,13 +99,28 @@ def score_test_split(ckpt_path: str | Path, src: list[str], ref: list[str], eval
     result = {"checkpoint": str(ckpt_path), "sentences": len(src)}
     for name, beam in (("greedy", 1), ("beam", e["beam_size"])):
         start = time.time()
-        hyps = translate(model, tok, src, beam_size=beam, len_penalty=e["len_penalty"], max_len_a=e["max_len_a"],
-                         max_len_b=e["max_len_b"], max_tokens=e["max_tokens"], progress=True)
+        hyps = translate(
+            model,
+            tok,
+            src,
+            beam_size=beam,
+            len_penalty=e["len_penalty"],
+            max_len_a=e["max_len_a"],
+            max_len_b=e["max_len_b"],
+            max_tokens=e["max_tokens"],
+            progress=True,
+        )
         write_lines(out_dir / f"test.{name}.{tgt_lang}", hyps)
         bleu, sig = corpus_bleu(hyps, ref)
         chrf, chrf_sig = corpus_chrf(hyps, ref)
-        result[name] = {"beam_size": beam, "bleu": bleu, "bleu_signature": sig, "chrf": chrf, "chrf_signature": chrf_sig,
-                        "seconds": time.time() - start}
+        result[name] = {
+            "beam_size": beam,
+            "bleu": bleu,
+            "bleu_signature": sig,
+            "chrf": chrf,
+            "chrf_signature": chrf_sig,
+            "seconds": time.time() - start,
+        }
         log.info("test %s (beam %d): BLEU %.2f  %s | chrF %.2f", name, beam, bleu, sig, chrf)
     (out_dir / "test_scores.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result

@@ -1,4 +1,5 @@
 """Training curves from ``train_log.jsonl`` as one PNG: loss, perplexity, KL, BLEU, accuracy, lr."""
+
 from __future__ import annotations
 
 import json

@@ -385,8 +385,14 @@ def prepare_lohelp(
     os.replace(tmp, stats_path)  # last: its presence marks a complete run
     log.info(
         "%s-%s: %d unique pairs -> train %d | valid %d | test %d (%.1f s) in %s",
-        src_lang, tgt_lang, stats["total"], stats["train"], stats["valid"], stats["test"],
-        stats["total_s"], out_dir,
+        src_lang,
+        tgt_lang,
+        stats["total"],
+        stats["train"],
+        stats["valid"],
+        stats["test"],
+        stats["total_s"],
+        out_dir,
     )
     return stats
 
@@ -396,8 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory, e.g. data/lohelp_en_de")
     parser.add_argument("--src-lang", default="en")
     parser.add_argument("--tgt-lang", default="de")
-    parser.add_argument("--html-root", default=None, help="already-extracted packages (contains usr/share/libreoffice/help)")
-    parser.add_argument("--cache-dir", default=None, help="where .deb files and their extraction go (default OUT/.cache)")
+    parser.add_argument(
+        "--html-root", default=None, help="already-extracted packages (contains usr/share/libreoffice/help)"
+    )
+    parser.add_argument(
+        "--cache-dir", default=None, help="where .deb files and their extraction go (default OUT/.cache)"
+    )
     parser.add_argument("--valid-frac", type=float, default=0.06, help="fraction of help pages for valid")
     parser.add_argument("--test-frac", type=float, default=0.06, help="fraction of help pages for test")
     parser.add_argument("--force", action="store_true", help="rebuild even if outputs exist")
@@ -406,9 +416,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         stats = prepare_lohelp(
-            args.out, args.src_lang, args.tgt_lang, html_root=args.html_root,
-            valid_frac=args.valid_frac, test_frac=args.test_frac,
-            cache_dir=args.cache_dir, force=args.force,
+            args.out,
+            args.src_lang,
+            args.tgt_lang,
+            html_root=args.html_root,
+            valid_frac=args.valid_frac,
+            test_frac=args.test_frac,
+            cache_dir=args.cache_dir,
+            force=args.force,
         )
     except (PrepareError, FileNotFoundError, ValueError) as err:
         log.error("%s", err)

@@ -34,8 +34,10 @@ def _as_files(data) -> list[str] | None:
     """File names if ``data`` names files, else None (it holds sentences)."""
     if isinstance(data, (str, os.PathLike)):
         return [os.fspath(data)]
-    if isinstance(data, Sequence) and data and all(
-        isinstance(x, os.PathLike) or (isinstance(x, str) and os.path.isfile(x)) for x in data
+    if (
+        isinstance(data, Sequence)
+        and data
+        and all(isinstance(x, os.PathLike) or (isinstance(x, str) and os.path.isfile(x)) for x in data)
     ):
         return [os.fspath(x) for x in data]
     return None
@@ -101,9 +103,14 @@ def train_spm(
         input_sentence_size=input_sentence_size,
         shuffle_input_sentence=True,
         num_threads=num_threads,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        pad_piece=SPECIAL_PIECES[PAD_ID], unk_piece=SPECIAL_PIECES[UNK_ID],
-        bos_piece=SPECIAL_PIECES[BOS_ID], eos_piece=SPECIAL_PIECES[EOS_ID],
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_piece=SPECIAL_PIECES[PAD_ID],
+        unk_piece=SPECIAL_PIECES[UNK_ID],
+        bos_piece=SPECIAL_PIECES[BOS_ID],
+        eos_piece=SPECIAL_PIECES[EOS_ID],
         minloglevel=2,  # quiet: errors only
     )
     kwargs.update(extra)

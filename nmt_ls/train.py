@@ -11,6 +11,7 @@ Files in ``cfg.out_dir``: ``config.yaml``, ``spm.model`` (+ ``spm.json``, what i
 from), ``train_log.jsonl`` (one JSON object per logged update and per validation),
 ``checkpoint_last.pt``, ``checkpoint_best.pt``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -113,14 +114,18 @@ class Run:
 
 # ---- set-up -----------------------------------------------------------------------------------
 
+
 def check_config(cfg: RunConfig) -> None:
     """Every option that can be checked before any data work; errors name the recipe key."""
     t, c = cfg.train, cfg.criterion
     check_schedule(t.lr_scheduler, t.max_updates, t.lr, t.end_lr)
     if t.lr_scheduler == "wsd" and t.max_updates <= 0 and t.max_minutes <= 0:
         raise ValueError("train.lr_scheduler=wsd needs train.max_updates, or train.max_minutes to plan them from")
-    choices = (("criterion.implementation", c.implementation, IMPLEMENTATIONS), ("train.amp", t.amp, AMP),
-               ("train.best_metric", t.best_metric, BEST_METRICS))
+    choices = (
+        ("criterion.implementation", c.implementation, IMPLEMENTATIONS),
+        ("train.amp", t.amp, AMP),
+        ("train.best_metric", t.best_metric, BEST_METRICS),
+    )
     for key, value, valid in choices:
         if value not in valid:
             raise ValueError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
@@ -136,9 +141,16 @@ def check_config(cfg: RunConfig) -> None:
 
 def criterion_kwargs(cfg: RunConfig, pad_id: int) -> dict:
     c = cfg.criterion
-    return dict(name=c.name, pad_id=pad_id, label_smoothing=c.label_smoothing, smoothing=c.smoothing,
-                ignore_prefix_size=c.ignore_prefix_size, report_accuracy=c.report_accuracy,
-                sentence_avg=c.sentence_avg, fused=c.implementation == "fused")
+    return dict(
+        name=c.name,
+        pad_id=pad_id,
+        label_smoothing=c.label_smoothing,
+        smoothing=c.smoothing,
+        ignore_prefix_size=c.ignore_prefix_size,
+        report_accuracy=c.report_accuracy,
+        sentence_avg=c.sentence_avg,
+        fused=c.implementation == "fused",
+    )
 
 
 def tokenizer_spec(cfg: RunConfig) -> dict:
@@ -155,8 +167,10 @@ def load_tokenizer(cfg: RunConfig, world: World, ckpt: dict | None) -> Tokenizer
     spec = tokenizer_spec(cfg)
     if world.is_main and ckpt is not None:
         if ckpt["config"]["tokenizer"] != spec["tokenizer"]:
-            raise ValueError(f"--resume: the recipe's tokenizer {spec['tokenizer']} differs from the checkpoint's "
-                             f"{ckpt['config']['tokenizer']}; resume with the same recipe or start a new out_dir")
+            raise ValueError(
+                f"--resume: the recipe's tokenizer {spec['tokenizer']} differs from the checkpoint's "
+                f"{ckpt['config']['tokenizer']}; resume with the same recipe or start a new out_dir"
+            )
         checkpoint.tensor_to_spm(ckpt["spm"], path)
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
     elif world.is_main:
@@ -166,8 +180,12 @@ def load_tokenizer(cfg: RunConfig, world: World, ckpt: dict | None) -> Tokenizer
                 log.info("retraining %s: it was trained from %s, the recipe asks for %s", path, old, spec)
             train_pairs = load_splits(cfg.data, ("train",))["train"]
             t = cfg.tokenizer
-            train_spm([s for s, _ in train_pairs] + [t_ for _, t_ in train_pairs], path.with_suffix(""),
-                      t.vocab_size, model_type=t.model_type)
+            train_spm(
+                [s for s, _ in train_pairs] + [t_ for _, t_ in train_pairs],
+                path.with_suffix(""),
+                t.vocab_size,
+                model_type=t.model_type,
+            )
             spec_path.write_text(json.dumps(spec), encoding="utf-8")
     world.barrier()
     return Tokenizer(path)
@@ -212,40 +230,78 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
     tok = load_tokenizer(cfg, world, ckpt)
     data = open_data(cfg, tok, world)
     train_data, valid = data["train"], data["valid"]
-    valid_batches = [valid.batch(idx, tok.pad_id, tok.bos_id, tok.eos_id)
-                     for idx in batch_by_tokens(valid.src_lens, valid.tgt_lens, t.max_tokens, shuffle=False)]
+    valid_batches = [
+        valid.batch(idx, tok.pad_id, tok.bos_id, tok.eos_id)
+        for idx in batch_by_tokens(valid.src_lens, valid.tgt_lens, t.max_tokens, shuffle=False)
+    ]
     n_bleu = cfg.data.valid_bleu_sentences
-    bleu_pairs = world.broadcast(load_splits(cfg.data, ("valid",))["valid"][: n_bleu or None] if world.is_main else None)
+    bleu_pairs = world.broadcast(
+        load_splits(cfg.data, ("valid",))["valid"][: n_bleu or None] if world.is_main else None
+    )
     bleu_src, bleu_ref = [s for s, _ in bleu_pairs], [r for _, r in bleu_pairs]
 
     model = build_model(tok.vocab_size, tok.pad_id, **dataclasses.asdict(cfg.model)).to(world.device)
     criterion = build_criterion(**criterion_kwargs(cfg, tok.pad_id))
     optimizer = build_optimizer(model, t.lr, t.betas, t.adam_eps, t.weight_decay)
-    scheduler = build_scheduler(optimizer, t.warmup_steps, t.lr_scheduler, t.max_updates, t.end_lr, t.cooldown_fraction,
-                                t.cooldown_shape, t.stable_phase)
+    scheduler = build_scheduler(
+        optimizer,
+        t.warmup_steps,
+        t.lr_scheduler,
+        t.max_updates,
+        t.end_lr,
+        t.cooldown_fraction,
+        t.cooldown_shape,
+        t.stable_phase,
+    )
     progress = Progress()
     if ckpt is not None:
         checkpoint.restore_training(ckpt, model, optimizer, scheduler, world.rank, world.world_size)
         progress = Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress) if f.name in ckpt})
         if world.is_main:
             truncate_log(out_dir / "train_log.jsonl", progress.update)
-            log.info("resumed from %s at update %d (epoch %d, batch %d)", last_path, progress.update, progress.epoch,
-                     progress.batch_index)
+            log.info(
+                "resumed from %s at update %d (epoch %d, batch %d)",
+                last_path,
+                progress.update,
+                progress.epoch,
+                progress.batch_index,
+            )
     elif world.is_main and (out_dir / "train_log.jsonl").exists():
         (out_dir / "train_log.jsonl").unlink()
     # The chunked path takes decoder features, not logits; DDP must wrap what runs forward.
     forward_model = world.wrap(DecoderFeatures(model) if cfg.criterion.implementation == "chunked" else model)
-    run = Run(cfg, world, tok, model, forward_model, criterion, optimizer, scheduler, train_data, valid_batches,
-              bleu_src, bleu_ref, progress, tensorboard_writer(out_dir) if world.is_main else None,
-              Timing(resumed=ckpt is not None))
+    run = Run(
+        cfg,
+        world,
+        tok,
+        model,
+        forward_model,
+        criterion,
+        optimizer,
+        scheduler,
+        train_data,
+        valid_batches,
+        bleu_src,
+        bleu_ref,
+        progress,
+        tensorboard_writer(out_dir) if world.is_main else None,
+        Timing(resumed=ckpt is not None),
+    )
     if world.is_main:
         n_params = sum(p.numel() for p in model.parameters())
-        log.info("model: %.2fM parameters; %d train pairs, %d valid; %d worker(s) on %s", n_params / 1e6,
-                 len(train_data), len(valid), world.world_size, world.device)
+        log.info(
+            "model: %.2fM parameters; %d train pairs, %d valid; %d worker(s) on %s",
+            n_params / 1e6,
+            len(train_data),
+            len(valid),
+            world.world_size,
+            world.device,
+        )
     return run
 
 
 # ---- logging ----------------------------------------------------------------------------------
+
 
 def append_jsonl(path: Path, record: dict) -> None:
     with path.open("a", encoding="utf-8") as f:
@@ -256,7 +312,9 @@ def truncate_log(path: Path, update: int) -> None:
     """On resume: keep only log records up to the checkpoint's update (rewritten atomically)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["update"] <= update]
+    kept = [
+        line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["update"] <= update
+    ]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
@@ -283,10 +341,21 @@ def log_train(run: Run, window: list[dict], seconds: float, epoch_fraction: floa
     """Reduce the updates since the last train line into one record and write it."""
     m = reduce_metrics(window)
     p = run.progress
-    record = {"kind": "train", "update": p.update, "epoch": p.epoch + epoch_fraction, "loss": m["loss"],
-              "nll_loss": m["nll_loss"], "kl": m["kl"], "ppl": m["ppl"], "lr": window[-1]["lr"],
-              "gnorm": sum(w["gnorm"] for w in window) / len(window), "wps": m["ntokens"] / max(seconds, 1e-9),
-              "wpb": m["ntokens"] / len(window), "bsz": m["nsentences"] / len(window), "elapsed": p.elapsed}
+    record = {
+        "kind": "train",
+        "update": p.update,
+        "epoch": p.epoch + epoch_fraction,
+        "loss": m["loss"],
+        "nll_loss": m["nll_loss"],
+        "kl": m["kl"],
+        "ppl": m["ppl"],
+        "lr": window[-1]["lr"],
+        "gnorm": sum(w["gnorm"] for w in window) / len(window),
+        "wps": m["ntokens"] / max(seconds, 1e-9),
+        "wpb": m["ntokens"] / len(window),
+        "bsz": m["nsentences"] / len(window),
+        "elapsed": p.elapsed,
+    }
     if "accuracy" in m:
         record["accuracy"] = m["accuracy"]
     write_record(run, record, ("loss", "nll_loss", "kl", "ppl", "accuracy", "lr", "gnorm", "wps"))
@@ -294,6 +363,7 @@ def log_train(run: Run, window: list[dict], seconds: float, epoch_fraction: floa
 
 
 # ---- one update -------------------------------------------------------------------------------
+
 
 def sample_size(run: Run, batch: Batch) -> float:
     """The batch's share of the loss's denominator: its target tokens that the criterion
@@ -353,6 +423,7 @@ def train_step(run: Run, group: list[Batch]) -> dict | None:
 
 # ---- validation and checkpoints ---------------------------------------------------------------
 
+
 @torch.no_grad()
 def validation_loss(run: Run) -> dict:
     """Criterion outputs summed over the valid batches, reduced per target token."""
@@ -362,8 +433,14 @@ def validation_loss(run: Run) -> dict:
         batch = batch.to(run.world.device)
         logits = run.model(batch.src, batch.tgt_in)  # (B, T, V)
         out = run.criterion.compute(logits, batch.tgt_out)
-        entry = {"loss": float(run.criterion.training_loss(out)), "nll_loss": float(out.nll), "kl": float(out.kl),
-                 "ntokens": out.ntokens, "nsentences": batch.src.size(0), "sample_size": out.ntokens}
+        entry = {
+            "loss": float(run.criterion.training_loss(out)),
+            "nll_loss": float(out.nll),
+            "kl": float(out.kl),
+            "ntokens": out.ntokens,
+            "nsentences": batch.src.size(0),
+            "sample_size": out.ntokens,
+        }
         if run.criterion.report_accuracy:
             entry["n_correct"], entry["total"] = run.criterion.accuracy(logits, batch.tgt_out)
         logs.append(entry)
@@ -375,16 +452,41 @@ def validate(run: Run) -> dict:
     """Valid loss, nll, KL, ppl (and accuracy), and greedy BLEU on the first valid pairs."""
     p, e = run.progress, run.cfg.eval
     m = validation_loss(run)
-    hyps = translate(run.model, run.tok, run.bleu_src, beam_size=1, max_len_a=e.max_len_a, max_len_b=e.max_len_b,
-                     max_tokens=e.max_tokens)
+    hyps = translate(
+        run.model,
+        run.tok,
+        run.bleu_src,
+        beam_size=1,
+        max_len_a=e.max_len_a,
+        max_len_b=e.max_len_b,
+        max_tokens=e.max_tokens,
+    )
     bleu, signature = corpus_bleu(hyps, run.bleu_ref)
-    record = {"kind": "valid", "update": p.update, "epoch": p.epoch, "loss": m["loss"], "nll_loss": m["nll_loss"],
-              "kl": m["kl"], "ppl": m["ppl"], "bleu": bleu, "bleu_signature": signature,
-              "bleu_sentences": len(run.bleu_src), "elapsed": p.elapsed}
+    record = {
+        "kind": "valid",
+        "update": p.update,
+        "epoch": p.epoch,
+        "loss": m["loss"],
+        "nll_loss": m["nll_loss"],
+        "kl": m["kl"],
+        "ppl": m["ppl"],
+        "bleu": bleu,
+        "bleu_signature": signature,
+        "bleu_sentences": len(run.bleu_src),
+        "elapsed": p.elapsed,
+    }
     if "accuracy" in m:
         record["accuracy"] = m["accuracy"]
-    log.info("valid | epoch %d | update %d | loss %.3f | nll_loss %.3f | ppl %.2f | BLEU %.2f  %s", p.epoch, p.update,
-             m["loss"], m["nll_loss"], m["ppl"], bleu, signature)
+    log.info(
+        "valid | epoch %d | update %d | loss %.3f | nll_loss %.3f | ppl %.2f | BLEU %.2f  %s",
+        p.epoch,
+        p.update,
+        m["loss"],
+        m["nll_loss"],
+        m["ppl"],
+        bleu,
+        signature,
+    )
     if run.bleu_src:
         log.info("example | src: %s | hyp: %s | ref: %s", run.bleu_src[0], hyps[0], run.bleu_ref[0])
     return record
@@ -395,8 +497,15 @@ def save(run: Run, name: str) -> None:
     checkpoint holds every worker's RNG states."""
     rngs = run.world.gather(checkpoint.rng_state())
     if run.world.is_main:
-        state = checkpoint.training_state(run.model, run.optimizer, run.scheduler, to_dict(run.cfg),
-                                          run.out_dir / "spm.model", dataclasses.asdict(run.progress), rngs)
+        state = checkpoint.training_state(
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            to_dict(run.cfg),
+            run.out_dir / "spm.model",
+            dataclasses.asdict(run.progress),
+            rngs,
+        )
         checkpoint.atomic_save(state, run.out_dir / name)
 
 
@@ -421,6 +530,7 @@ def validate_and_save(run: Run) -> None:
 
 # ---- the loop ---------------------------------------------------------------------------------
 
+
 def plan_updates(run: Run, updates_per_epoch: int) -> None:
     """wsd with a time budget: once ``plan_window_updates`` updates after the warmup are timed
     and a validation is, fix the total updates that end at ``max_minutes`` (validations at epoch
@@ -434,16 +544,34 @@ def plan_updates(run: Run, updates_per_epoch: int) -> None:
     if p.planned_updates and p.update >= p.planned_updates - run.scheduler.cooldown_updates:
         return  # the cooldown has begun: the plan stands
     every = t.validate_every_updates or updates_per_epoch
-    planned = run.world.broadcast(plan_total_updates(PLAN_TARGET * t.max_minutes, p.elapsed, p.update, timing.updates,
-                                                     timing.update_s, 0.0, every, timing.validation_s))
+    planned = run.world.broadcast(
+        plan_total_updates(
+            PLAN_TARGET * t.max_minutes,
+            p.elapsed,
+            p.update,
+            timing.updates,
+            timing.update_s,
+            0.0,
+            every,
+            timing.validation_s,
+        )
+    )
     cooldown_start = planned - round(t.cooldown_fraction * planned)
     if planned == p.planned_updates or cooldown_start < max(p.update, t.warmup_steps):
         return
     run.scheduler.set_total_updates(planned)
     p.planned_updates = planned
-    log.info("wsd plan: %d updates in train.max_minutes=%g (%.3f s per update over %d updates, %.1f s per "
-             "validation); cooldown from update %d; pin it with train.max_updates=%d", planned, t.max_minutes,
-             timing.update_s / timing.updates, timing.updates, timing.validation_s, cooldown_start, planned)
+    log.info(
+        "wsd plan: %d updates in train.max_minutes=%g (%.3f s per update over %d updates, %.1f s per "
+        "validation); cooldown from update %d; pin it with train.max_updates=%d",
+        planned,
+        t.max_minutes,
+        timing.update_s / timing.updates,
+        timing.updates,
+        timing.validation_s,
+        cooldown_start,
+        planned,
+    )
 
 
 def stop_reason(run: Run) -> str | None:
@@ -460,18 +588,27 @@ def stop_reason(run: Run) -> str | None:
     cap = t.max_minutes * (1 + PLAN_OVERRUN if p.planned_updates else 1)
     if run.world.any(t.max_minutes > 0 and p.elapsed >= 60 * cap):
         if p.planned_updates:
-            log.warning("stopped %.0f%% past train.max_minutes=%g at update %d of the %d planned: the cooldown is "
-                        "cut short", 100 * PLAN_OVERRUN, t.max_minutes, p.update, p.planned_updates)
+            log.warning(
+                "stopped %.0f%% past train.max_minutes=%g at update %d of the %d planned: the cooldown is cut short",
+                100 * PLAN_OVERRUN,
+                t.max_minutes,
+                p.update,
+                p.planned_updates,
+            )
         return f"reached train.max_minutes={t.max_minutes}" + (f" + {PLAN_OVERRUN:.0%}" if p.planned_updates else "")
     return None
 
 
 def skip_bad_update(run: Run, bad_updates: int) -> None:
     t = run.cfg.train
-    log.warning("update %d: non-finite loss or gradient, batch skipped (%d in a row)", run.progress.update + 1, bad_updates)
+    log.warning(
+        "update %d: non-finite loss or gradient, batch skipped (%d in a row)", run.progress.update + 1, bad_updates
+    )
     if bad_updates >= t.max_bad_updates:
-        raise FloatingPointError(f"{bad_updates} consecutive non-finite updates at update {run.progress.update + 1}; "
-                                 "stopping (lower train.lr?)")
+        raise FloatingPointError(
+            f"{bad_updates} consecutive non-finite updates at update {run.progress.update + 1}; "
+            "stopping (lower train.lr?)"
+        )
 
 
 def train(cfg: RunConfig, resume: bool = False) -> dict:
@@ -490,8 +627,14 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     while (reason := stop_reason(run)) is None:
         lens = (run.train_data.src_lens, run.train_data.tgt_lens)
         batches = run.world.shard(batch_by_tokens(*lens, t.max_tokens, seed=t.seed, epoch=p.epoch, shuffle=True))
-        bar = tqdm(total=math.ceil(len(batches) / t.update_freq), initial=p.batch_index // t.update_freq,
-                   desc=f"epoch {p.epoch + 1}", disable=not run.world.is_main, mininterval=2.0, unit="upd")
+        bar = tqdm(
+            total=math.ceil(len(batches) / t.update_freq),
+            initial=p.batch_index // t.update_freq,
+            desc=f"epoch {p.epoch + 1}",
+            disable=not run.world.is_main,
+            mininterval=2.0,
+            unit="upd",
+        )
         while p.batch_index < len(batches) and (reason := stop_reason(run)) is None:
             group = batches[p.batch_index : p.batch_index + t.update_freq]
             step_start = time.time()
@@ -500,7 +643,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             p.batch_index += len(group)
             p.elapsed = time.time() - clock
             if p.update >= t.warmup_steps:
-                run.timing.updates, run.timing.update_s = run.timing.updates + 1, run.timing.update_s + time.time() - step_start
+                run.timing.updates, run.timing.update_s = (
+                    run.timing.updates + 1,
+                    run.timing.update_s + time.time() - step_start,
+                )
             bar.update(1)
             bad_updates = 0 if result else bad_updates + 1
             if result is None:
@@ -510,8 +656,12 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             window.append(result)
             if run.world.is_main and (p.update % t.log_every_updates == 0 or p.batch_index >= len(batches)):
                 record = log_train(run, window, time.time() - window_start, p.batch_index / len(batches))
-                bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['ppl']:.2f}", lr=f"{record['lr']:.1e}",
-                                tok_s=f"{record['wps']:.0f}")
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    ppl=f"{record['ppl']:.2f}",
+                    lr=f"{record['lr']:.1e}",
+                    tok_s=f"{record['wps']:.0f}",
+                )
                 window, window_start = [], time.time()
             if t.validate_every_updates and p.update % t.validate_every_updates == 0:
                 validate_and_save(run)
@@ -529,12 +679,28 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     if run.writer:
         run.writer.close()
     out = run.out_dir
-    summary = {"updates": p.update, "planned_updates": p.planned_updates, "epochs": p.epoch, "best": p.best,
-               "best_metric": t.best_metric, "minutes": p.elapsed / 60, "stop_reason": reason,
-               "final_lr": run.optimizer.param_groups[0]["lr"], "log": str(run.log_path),
-               "checkpoint_best": str(out / "checkpoint_best.pt"), "checkpoint_last": str(out / "checkpoint_last.pt"),
-               "params": sum(q.numel() for q in run.model.parameters())}
+    summary = {
+        "updates": p.update,
+        "planned_updates": p.planned_updates,
+        "epochs": p.epoch,
+        "best": p.best,
+        "best_metric": t.best_metric,
+        "minutes": p.elapsed / 60,
+        "stop_reason": reason,
+        "final_lr": run.optimizer.param_groups[0]["lr"],
+        "log": str(run.log_path),
+        "checkpoint_best": str(out / "checkpoint_best.pt"),
+        "checkpoint_last": str(out / "checkpoint_last.pt"),
+        "params": sum(q.numel() for q in run.model.parameters()),
+    }
     if run.world.is_main:
-        log.info("training done (%s): %d updates, %.1f minutes, lr now %.3g, best %s %s", reason, p.update,
-                 summary["minutes"], summary["final_lr"], t.best_metric, p.best)
+        log.info(
+            "training done (%s): %d updates, %.1f minutes, lr now %.3g, best %s %s",
+            reason,
+            p.update,
+            summary["minutes"],
+            summary["final_lr"],
+            t.best_metric,
+            p.best,
+        )
     return summary

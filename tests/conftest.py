@@ -22,5 +22,11 @@ SMOKE_RECIPE = str(ROOT / "recipes" / "smoke.yaml")
 
 def overrides(out_dir, *extra: str) -> list[str]:
     """Dotted overrides that point the smoke recipe at the fixture corpus and ``out_dir``."""
-    return [f"out_dir={str(out_dir)!r}", f"data.dir={str(FIXTURE)!r}", "data.valid_bleu_sentences=5",
-            "tokenizer.vocab_size=500", "train.num_threads=1", *extra]
+    return [
+        f"out_dir={str(out_dir)!r}",
+        f"data.dir={str(FIXTURE)!r}",
+        "data.valid_bleu_sentences=5",
+        "tokenizer.vocab_size=500",
+        "train.num_threads=1",
+        *extra,
+    ]

@@ -1,5 +1,6 @@
 """Binarized, memory-mapped corpora: the same ids and batches as the in-memory path, and a
 cache that is rebuilt when its inputs change and never read when incomplete."""
+
 import os
 import pickle
 import shutil
@@ -14,9 +15,8 @@ from nmt_ls import binarize as binarize_module
 from nmt_ls.batching import batch_by_tokens
 from nmt_ls.binarize import EncodedPairs, MmapPairs, binarize, binarize_recipe, encode_pairs, open_or_build
 from nmt_ls.config import load_recipe
-from nmt_ls.data import read_pairs
+from nmt_ls.data import load_splits, read_pairs
 from nmt_ls.tokenizer import Tokenizer, train_spm
-from nmt_ls.data import load_splits
 
 ROOT = Path(__file__).parent.parent
 FIXTURE = ROOT / "tests" / "data" / "lohelp_en_de"
@@ -44,15 +44,17 @@ def in_memory(spm_path, source, split="train", max_len=None, max_ratio=None, max
 
 
 def build(spm_path, source, cache_dir, split="train", max_positions=1024, **kwargs):
-    return open_or_build(source, "en", "de", split=split, spm_path=spm_path, cache_dir=cache_dir,
-                         max_positions=max_positions, **kwargs)
+    return open_or_build(
+        source, "en", "de", split=split, spm_path=spm_path, cache_dir=cache_dir, max_positions=max_positions, **kwargs
+    )
 
 
 @pytest.mark.parametrize("num_workers", [1, 2])
 def test_binarized_ids_equal_the_in_memory_encoding(spm_path, tmp_path, num_workers):
     src_ids, tgt_ids = in_memory(spm_path, FIXTURE, **FILTERS)
-    corpus = open_or_build(FIXTURE, "en", "de", split="train", spm_path=spm_path, cache_dir=tmp_path,
-                           num_workers=num_workers, **FILTERS)
+    corpus = open_or_build(
+        FIXTURE, "en", "de", split="train", spm_path=spm_path, cache_dir=tmp_path, num_workers=num_workers, **FILTERS
+    )
     assert corpus.get(range(len(corpus))) == (src_ids, tgt_ids)
     assert corpus.src_lens.tolist() == [len(s) for s in src_ids]
     assert corpus.tgt_lens.tolist() == [len(t) for t in tgt_ids]
@@ -111,8 +113,10 @@ def test_changed_file_tokenizer_or_filter_changes_the_key_and_rebuilds(spm_path,
             f.write(line + "\n")
     after = build(spm_path, corpus_dir, tmp_path / "cache", **FILTERS)
     assert after.path != before.path and len(after) == len(before) + 1
-    assert after.get([len(after) - 1]) == ([Tokenizer(spm_path).encode("Click the Apply button.") + [3]],
-                                          [Tokenizer(spm_path).encode("Klicken Sie auf Anwenden.")])
+    assert after.get([len(after) - 1]) == (
+        [Tokenizer(spm_path).encode("Click the Apply button.") + [3]],
+        [Tokenizer(spm_path).encode("Klicken Sie auf Anwenden.")],
+    )
     other_spm = train_spm([corpus_dir / "train.en", corpus_dir / "train.de"], tmp_path / "other", 800)
     assert build(other_spm, corpus_dir, tmp_path / "cache", **FILTERS).path not in (before.path, after.path)
     looser = build(spm_path, corpus_dir, tmp_path / "cache", **{**FILTERS, "max_ratio": 2.0})
@@ -192,8 +196,12 @@ def test_workers_calling_at_once_build_once(spm_path, tmp_path, monkeypatch):
 
 
 def test_binarize_recipe_matches_load_splits(spm_path, tmp_path):
-    overrides = [f"out_dir={str(tmp_path / 'run')!r}", f"data.dir={str(FIXTURE)!r}", "data.max_len=30",
-                 "model.max_positions=48"]
+    overrides = [
+        f"out_dir={str(tmp_path / 'run')!r}",
+        f"data.dir={str(FIXTURE)!r}",
+        "data.max_len=30",
+        "model.max_positions=48",
+    ]
     cfg = load_recipe(ROOT / "recipes" / "smoke.yaml", overrides)
     splits = load_splits(cfg.data)
     corpora = binarize_recipe(cfg, spm_path, num_workers=1)

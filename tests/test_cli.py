@@ -1,4 +1,5 @@
 """The commands a user types: translate, score, plot, average; and the fused/chunked training paths."""
+
 import json
 import math
 from pathlib import Path
@@ -25,8 +26,16 @@ def overrides(out_dir, *extra):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    assert main(["train", RECIPE, *overrides(out, "train.max_updates=8", "train.save_every_updates=4",
-                                             "train.validate_every_updates=4")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                RECIPE,
+                *overrides(out, "train.max_updates=8", "train.save_every_updates=4", "train.validate_every_updates=4"),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -52,7 +61,9 @@ def test_score_matches_sacrebleu(tmp_path, capsys):
     ref2.write_text("a cat sat on the mat\nhello world\n")
     assert main(["score", str(hyp), "--ref", str(ref), str(ref2)]) == 0
     out = capsys.readouterr().out
-    expected = sacrebleu.corpus_bleu(hyp.read_text().splitlines(), [ref.read_text().splitlines(), ref2.read_text().splitlines()])
+    expected = sacrebleu.corpus_bleu(
+        hyp.read_text().splitlines(), [ref.read_text().splitlines(), ref2.read_text().splitlines()]
+    )
     assert f"BLEU {expected.score:.2f}  nrefs:2|case:mixed|eff:no|tok:13a|smooth:exp|version:" in out
     assert "chrF2++ " in out and "TER " in out and "nrefs:2" in out
 
@@ -66,7 +77,10 @@ def test_plot_writes_a_png(run_dir, tmp_path):
 def test_average_checkpoints(run_dir, tmp_path):
     a, b = checkpoint.load(run_dir / "checkpoint_last.pt"), checkpoint.load(run_dir / "checkpoint_best.pt")
     out = tmp_path / "avg.pt"
-    assert main(["average", str(run_dir / "checkpoint_last.pt"), str(run_dir / "checkpoint_best.pt"), "--out", str(out)]) == 0
+    assert (
+        main(["average", str(run_dir / "checkpoint_last.pt"), str(run_dir / "checkpoint_best.pt"), "--out", str(out)])
+        == 0
+    )
     avg = checkpoint.load(out)
     for k, v in avg["model"].items():
         torch.testing.assert_close(v, (a["model"][k].double() + b["model"][k].double()).div(2).float())
@@ -81,13 +95,19 @@ def test_fused_and_chunked_paths_train_like_the_reference(tmp_path, path):
     lr (2e-3) per update whichever path computed it."""
     logs, weights = {}, {}
     for p in ("reference", path):
-        cfg = load_recipe(RECIPE, overrides(tmp_path / p, "train.max_updates=5", "train.log_every_updates=1",
-                                            f"criterion.implementation={p!r}"))
+        cfg = load_recipe(
+            RECIPE,
+            overrides(
+                tmp_path / p, "train.max_updates=5", "train.log_every_updates=1", f"criterion.implementation={p!r}"
+            ),
+        )
         summary = train(cfg)
-        logs[p] = [json.loads(l) for l in Path(summary["log"]).read_text().splitlines() if '"train"' in l]
+        logs[p] = [json.loads(line) for line in Path(summary["log"]).read_text().splitlines() if '"train"' in line]
         weights[p] = checkpoint.load(summary["checkpoint_last"])["model"]
     for ra, rb in zip(logs["reference"], logs[path]):
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5) and ra["nll_loss"] == pytest.approx(rb["nll_loss"], rel=1e-5)
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5) and ra["nll_loss"] == pytest.approx(
+            rb["nll_loss"], rel=1e-5
+        )
         assert ra["gnorm"] == pytest.approx(rb["gnorm"], rel=1e-4)
         assert math.isclose(rb["ppl"], math.exp(rb["nll_loss"]), rel_tol=1e-12)
     for k in weights["reference"]:

@@ -1,4 +1,5 @@
 """Recipes load; bad recipes and overrides name the key."""
+
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,17 @@ def test_every_recipe_loads_and_opens_with_its_command(path):
 
 
 def test_overrides_are_literal_evaluated(tmp_path):
-    cfg = load_recipe(SMOKE, ["train.lr=5e-4", "model.d_model=32", "train.device=cpu",
-                                             "train.betas=(0.9, 0.99)", "data.hub_name=None", "name=x"])
+    cfg = load_recipe(
+        SMOKE,
+        [
+            "train.lr=5e-4",
+            "model.d_model=32",
+            "train.device=cpu",
+            "train.betas=(0.9, 0.99)",
+            "data.hub_name=None",
+            "name=x",
+        ],
+    )
     assert cfg.train.lr == 5e-4 and cfg.model.d_model == 32 and cfg.train.device == "cpu"
     assert cfg.train.betas == (0.9, 0.99) and cfg.data.hub_name is None
     assert cfg.out_dir == "runs/smoke"  # the recipe's own out_dir wins over the name

@@ -1,4 +1,5 @@
 """The criterion against closed-form values, dense float64 oracles and F.cross_entropy."""
+
 import math
 
 import pytest
@@ -58,13 +59,18 @@ def dense_loss(logits, target, eps, smoothing, pad):
 
 # ---- the worked example, closed form -------------------------------------------------------
 
+
 def test_worked_example_values():
     mean = dict(reduction="mean")
     assert F.cross_entropy(PREDS, TARGET).item() == pytest.approx(1.364415, abs=1e-6)
     out = label_smoothed_cross_entropy(PREDS, TARGET, 0.0, **mean)
     assert out.loss.item() == pytest.approx(1.364415, abs=1e-6)
-    assert label_smoothed_cross_entropy(PREDS, TARGET, 0.1, smoothing="uniform", **mean).loss.item() == pytest.approx(1.366915, abs=1e-6)
-    assert label_smoothed_cross_entropy(PREDS, TARGET, 0.1, smoothing="others", **mean).loss.item() == pytest.approx(1.367748, abs=1e-6)
+    assert label_smoothed_cross_entropy(PREDS, TARGET, 0.1, smoothing="uniform", **mean).loss.item() == pytest.approx(
+        1.366915, abs=1e-6
+    )
+    assert label_smoothed_cross_entropy(PREDS, TARGET, 0.1, smoothing="others", **mean).loss.item() == pytest.approx(
+        1.367748, abs=1e-6
+    )
     padded = label_smoothed_cross_entropy(PREDS, TARGET, 0.1, ignore_index=3, smoothing="others", **mean)
     assert padded.loss.item() == pytest.approx(1.349202, abs=1e-6)
     assert padded.ntokens == 1
@@ -90,6 +96,7 @@ def test_entropy_closed_form(smoothing, eps, k):
 
 
 # ---- oracles on random inputs with padding ------------------------------------------------
+
 
 def random_batch(seed, b=3, t=5, v=11, pad=1, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
@@ -154,7 +161,9 @@ def test_gradcheck_float64(smoothing, log_probs):
 def test_uniform_equals_torch_cross_entropy(eps, reduction):
     logits, target = random_batch(4, dtype=torch.float32)
     ours = label_smoothed_cross_entropy(logits, target, eps, 1, "uniform", reduction).loss
-    ref = F.cross_entropy(logits.view(-1, 11), target.view(-1), ignore_index=1, label_smoothing=eps, reduction=reduction)
+    ref = F.cross_entropy(
+        logits.view(-1, 11), target.view(-1), ignore_index=1, label_smoothing=eps, reduction=reduction
+    )
     torch.testing.assert_close(ours.reshape(ref.shape), ref, atol=1e-5, rtol=1e-6)
 
 
@@ -165,7 +174,9 @@ def test_eps_zero_is_plain_nll_and_nll_does_not_depend_on_eps():
         for eps in (0.0, 0.1, 0.9):
             out = label_smoothed_cross_entropy(logits, target, eps, 1, smoothing)
             assert out.nll.item() == pytest.approx(ref.item(), abs=1e-9)
-        assert label_smoothed_cross_entropy(logits, target, 0.0, 1, smoothing).loss.item() == pytest.approx(ref.item(), abs=1e-9)
+        assert label_smoothed_cross_entropy(logits, target, 0.0, 1, smoothing).loss.item() == pytest.approx(
+            ref.item(), abs=1e-9
+        )
 
 
 @pytest.mark.parametrize("smoothing", SMOOTHINGS)
@@ -188,7 +199,10 @@ def test_padding_invariance(smoothing):
 @pytest.mark.parametrize("smoothing", SMOOTHINGS)
 def test_reductions_agree(smoothing):
     logits, target = random_batch(7)
-    get = lambda r: label_smoothed_cross_entropy(logits, target, 0.1, 1, smoothing, r)
+
+    def get(reduction):
+        return label_smoothed_cross_entropy(logits, target, 0.1, 1, smoothing, reduction)
+
     none, total, mean, sent = get("none"), get("sum"), get("mean"), get("sentence")
     assert none.loss.shape == target.shape and sent.loss.shape == (3,)
     assert (none.loss[target == 1] == 0).all() and (none.kl[target == 1] == 0).all()
@@ -262,6 +276,7 @@ def test_bad_shapes_and_ids():
 
 # ---- fairseq's function ----------------------------------------------------------------------
 
+
 def fairseq_reference(lprobs, target, epsilon, ignore_index=None, reduce=True):
     """fairseq's formula, written out with the dense (N, K) sums."""
     if target.dim() == lprobs.dim() - 1:
@@ -306,6 +321,7 @@ def test_fairseq_function_with_ignore_index_outside_vocab():
 
 # ---- registry and the fairseq-style criterion ----------------------------------------------
 
+
 class TinyModel(torch.nn.Module):
     def __init__(self, logits):
         super().__init__()
@@ -345,7 +361,12 @@ def test_user_module_registers_a_plugin(tmp_path, monkeypatch):
 def test_criterion_forward_and_metrics(name):
     logits, target = random_batch(12)
     crit = build_criterion(name, pad_id=1, label_smoothing=0.1, report_accuracy=True)
-    sample = {"net_input": {"src": None, "tgt_in": None}, "target": target, "ntokens": int((target != 1).sum()), "nsentences": 3}
+    sample = {
+        "net_input": {"src": None, "tgt_in": None},
+        "target": target,
+        "ntokens": int((target != 1).sum()),
+        "nsentences": 3,
+    }
     loss, sample_size, log = crit(TinyModel(logits), sample)
     ce, kl, nll = dense_loss(logits, target, 0.1, crit.smoothing, 1)
     expected = kl if name == "label_smoothed_kl" else ce
@@ -372,7 +393,9 @@ def test_metrics_reduce_by_summing_across_workers():
 
 def test_sentence_avg_and_ignore_prefix():
     logits, target = random_batch(14)
-    crit = build_criterion("label_smoothed_cross_entropy", pad_id=1, label_smoothing=0.1, sentence_avg=True, ignore_prefix_size=1)
+    crit = build_criterion(
+        "label_smoothed_cross_entropy", pad_id=1, label_smoothing=0.1, sentence_avg=True, ignore_prefix_size=1
+    )
     loss, sample_size, log = crit(TinyModel(logits), {"net_input": {}, "target": target, "nsentences": 3})
     assert sample_size == 3
     ref = label_smoothed_cross_entropy(logits[:, 1:], target[:, 1:], 0.1, 1).loss
@@ -385,6 +408,7 @@ def test_reduce_metrics_empty_and_overflow():
 
 
 # ---- the classes people already use ------------------------------------------------------
+
 
 def test_label_smoothing_cross_entropy_masks_padding_in_smoothing_term():
     logits, target = random_batch(15)

@@ -1,4 +1,5 @@
 """Property tests (hypothesis) for the criterion: random shapes, padding patterns, epsilons."""
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st

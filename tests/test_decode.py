@@ -84,12 +84,11 @@ def test_beam_is_at_least_as_good_as_greedy(seed):
 @pytest.mark.parametrize("len_penalty", [0.0, 1.0, 0.6])
 def test_beam_scores_are_length_normalised_logprobs(len_penalty, style):
     model, src = random_model(0), random_src(0)
-    beam = beam_search(model, src, **SEARCH, beam_size=4, nbest=4, len_penalty=len_penalty,
-                       len_penalty_style=style)
+    beam = beam_search(model, src, **SEARCH, beam_size=4, nbest=4, len_penalty=len_penalty, len_penalty_style=style)
     for i, hyps in enumerate(beam):
         for hyp, score in hyps:
             length = len(hyp) + 1  # eos counts
-            norm = length ** len_penalty if style == "fairseq" else ((5 + length) / 6) ** len_penalty
+            norm = length**len_penalty if style == "fairseq" else ((5 + length) / 6) ** len_penalty
             assert score == pytest.approx(sequence_logprob(model, src[i], hyp) / norm, abs=1e-5)
 
 
@@ -123,10 +122,11 @@ def test_batching_does_not_change_outputs():
     model, src = random_model(3), random_src(3)
     batched = beam_search(model, src, **SEARCH, beam_size=3, nbest=2)
     for i in range(src.size(0)):
-        alone = beam_search(model, src[i:i + 1], **SEARCH, beam_size=3, nbest=2)[0]
+        alone = beam_search(model, src[i : i + 1], **SEARCH, beam_size=3, nbest=2)[0]
         assert [h for h, _ in alone] == [h for h, _ in batched[i]]
-    assert [greedy_search(model, src[i:i + 1], **SEARCH)[0] for i in range(src.size(0))] == \
-        greedy_search(model, src, **SEARCH)
+    assert [greedy_search(model, src[i : i + 1], **SEARCH)[0] for i in range(src.size(0))] == greedy_search(
+        model, src, **SEARCH
+    )
 
 
 def test_search_restores_train_mode():
@@ -152,7 +152,7 @@ def copy_batch(batch_size, g, vocab_size, max_len=6):
     for i, n in enumerate(lens.tolist()):
         tokens = torch.randint(4, vocab_size, (n,), generator=g)
         src[i, :n], src[i, n] = tokens, EOS
-        tgt[i, 0], tgt[i, 1:n + 1], tgt[i, n + 1] = BOS, tokens, EOS
+        tgt[i, 0], tgt[i, 1 : n + 1], tgt[i, n + 1] = BOS, tokens, EOS
     return src, tgt
 
 
@@ -160,8 +160,17 @@ def test_trained_copy_model_copies():
     vocab_size, steps = 20, 300
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    model = Seq2Seq(vocab_size, d_model=32, n_heads=4, ffn_dim=64, enc_layers=2, dec_layers=2, dropout=0.0,
-                    pad_id=PAD, max_positions=32)
+    model = Seq2Seq(
+        vocab_size,
+        d_model=32,
+        n_heads=4,
+        ffn_dim=64,
+        enc_layers=2,
+        dec_layers=2,
+        dropout=0.0,
+        pad_id=PAD,
+        max_positions=32,
+    )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     for _ in range(steps):

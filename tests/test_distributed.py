@@ -4,6 +4,7 @@ With ``update_freq=2`` one worker accumulates batches 2k and 2k+1 into update k;
 workers, rank 0 gets batch 2k and rank 1 batch 2k+1 (``batching.shard``). Because the loss
 is normalised by the global count of target tokens, both give the same parameters.
 """
+
 import json
 import os
 import shutil
@@ -20,10 +21,10 @@ from conftest import ROOT
 from conftest import overrides as smoke_overrides
 
 
-
 def overrides(out_dir: Path, *extra: str) -> list[str]:
-    return smoke_overrides(out_dir, "model.dropout=0.0", "train.max_updates=4", "train.log_every_updates=1",
-                           "train.device='cpu'", *extra)
+    return smoke_overrides(
+        out_dir, "model.dropout=0.0", "train.max_updates=4", "train.log_every_updates=1", "train.device='cpu'", *extra
+    )
 
 
 def run(cmd: list[str], timeout=240):
@@ -45,8 +46,20 @@ def test_two_workers_equal_one_worker_with_accumulation(tmp_path):
     two.mkdir()
     for name in ("spm.model", "spm.json"):  # the same subword model for both runs
         shutil.copy(one / name, two / name)
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nmt_ls", "train",
-         recipe, *overrides(two)])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "nmt_ls",
+            "train",
+            recipe,
+            *overrides(two),
+        ]
+    )
     a = [r for r in train_log(one) if r["kind"] == "train"]
     b = [r for r in train_log(two) if r["kind"] == "train"]
     assert [r["update"] for r in a] == [r["update"] for r in b] == [1, 2, 3, 4]
@@ -68,8 +81,17 @@ def test_two_workers_equal_one_worker_with_accumulation(tmp_path):
 def test_two_worker_resume_with_dropout_is_exact(tmp_path):
     """Every worker's RNG states are saved and restored: dropout masks after a resume are
     those of the uninterrupted run (before, every rank restored rank 0's)."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nmt_ls",
-                "train", str(ROOT / "recipes" / "smoke.yaml")]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "nmt_ls",
+        "train",
+        str(ROOT / "recipes" / "smoke.yaml"),
+    ]
     full, cut = tmp_path / "full", tmp_path / "cut"
     dropout = ("model.dropout=0.3", "train.save_every_updates=2")
     run([*torchrun, *overrides(full, *dropout)])

@@ -1,5 +1,6 @@
 """The fairseq plugin against fairseq 0.12's own label_smoothed_cross_entropy: one forward on
 fixed logits, one tiny transformer on binarized data, and two `fairseq-train` runs."""
+
 import itertools
 import json
 import math
@@ -47,6 +48,7 @@ TRAIN = (
 
 
 # ---- a fake model whose output is fixed logits -------------------------------------------
+
 
 class LogitsDecoder(FairseqDecoder):
     """fairseq decoder returning the logits it holds; fairseq's own get_normalized_probs."""
@@ -141,8 +143,9 @@ def test_reduce_metrics_are_fairseqs_base_2_metrics():
 def test_smoothings_differ_and_kl_is_ce_minus_entropy(kl_smoothing):
     logits, tgt = random_batch(4)  # confident logits (scale 3), V = 11
     ntokens = int(tgt.ne(PAD).sum())
-    losses = {s: run_criterion(NmtLsLabelSmoothedCriterion(TASK, False, 0.1, s), logits, tgt)[0].item()
-              for s in SMOOTHINGS}
+    losses = {
+        s: run_criterion(NmtLsLabelSmoothedCriterion(TASK, False, 0.1, s), logits, tgt)[0].item() for s in SMOOTHINGS
+    }
     assert all(math.isfinite(v) for v in losses.values())
     values = sorted(losses.values())  # float32 (fairseq's log_softmax): rounding ~1e-7 relative
     assert min(b - a for a, b in itertools.pairwise(values)) > 1e-5 * values[0]
@@ -172,6 +175,7 @@ def test_user_dir_path_is_printed_by_the_module():
 
 
 # ---- a tiny fairseq transformer on binarized data -------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def data_bin(tmp_path_factory):
@@ -227,7 +231,11 @@ def test_smoothings_on_a_fairseq_transformer(data_bin, transformer_batch):
         ce = fairseq_setup(data_bin, "--criterion", "nmt_ls_label_smoothed", *args)[1]
         kl = fairseq_setup(data_bin, "--criterion", "nmt_ls_label_smoothed_kl", *args)[1]
         assert (type(ce), type(kl), ce.smoothing, kl.smoothing) == (
-            NmtLsLabelSmoothedCriterion, NmtLsLabelSmoothedKLCriterion, smoothing, smoothing)
+            NmtLsLabelSmoothedCriterion,
+            NmtLsLabelSmoothedKLCriterion,
+            smoothing,
+            smoothing,
+        )
         with torch.no_grad():
             ce_loss, _, ce_log = ce(model, sample)
             kl_loss, _, kl_log = kl(model, sample)
@@ -267,19 +275,24 @@ def test_kl_criterion_defaults_to_others_no_pad(data_bin):
 
 # ---- two fairseq-train runs -----------------------------------------------------------------
 
+
 def train_records(returncode: int, out: str) -> list[dict]:
     """The json records in a fairseq-train's output: train_inner per update, then valid."""
     assert returncode == 0, out[-3000:]
-    return [json.loads(line.split(" | ", 3)[3]) for line in out.splitlines()
-            if " | train_inner | " in line or " | valid | " in line]
+    return [
+        json.loads(line.split(" | ", 3)[3])
+        for line in out.splitlines()
+        if " | train_inner | " in line or " | valid | " in line
+    ]
 
 
 def start_train(data_bin, tmp_path, name, *criterion_args):
     save_dir = tmp_path / name
     argv = [sys.executable, "-m", "fairseq_cli.train", str(data_bin), *TINY, *TRAIN, "--save-dir", str(save_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*argv, *criterion_args], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [*argv, *criterion_args], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 # The columns, with the unit fairseq rounds them to when it prints them.
@@ -290,8 +303,17 @@ def test_fairseq_train_plugin_logs_what_the_builtin_logs(data_bin, tmp_path):
     """Same seed, same data: per update, the plugin's loss, nll_loss, ppl, accuracy and gradient
     norm equal those of fairseq's label_smoothed_cross_entropy to the digits fairseq prints."""
     runs = [  # started together: most of each run is importing fairseq
-        start_train(data_bin, tmp_path, "plugin", "--user-dir", USER_DIR, "--criterion", "nmt_ls_label_smoothed",
-                    "--smoothing", "others"),
+        start_train(
+            data_bin,
+            tmp_path,
+            "plugin",
+            "--user-dir",
+            USER_DIR,
+            "--criterion",
+            "nmt_ls_label_smoothed",
+            "--smoothing",
+            "others",
+        ),
         start_train(data_bin, tmp_path, "builtin", "--criterion", "label_smoothed_cross_entropy"),
     ]
     outputs = [proc.communicate(timeout=300)[0] for proc in runs]

@@ -23,7 +23,7 @@ def right_pad(rows):
     """Stack lists of ids into a right-padded (B, T) tensor."""
     out = torch.full((len(rows), max(len(r) for r in rows)), PAD)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.as_tensor(r)
+        out[i, : len(r)] = torch.as_tensor(r)
     return out
 
 
@@ -58,8 +58,10 @@ def test_forward_is_project_of_decoder_features(kwargs):
 def test_tied_output_weight_is_embedding():
     model = small_model()
     assert model.output_weight is model.embed.weight
-    assert sum(p.numel() for p in model.parameters()) == sum(
-        p.numel() for p in small_model(tie_embeddings=False).parameters()) - V * 32
+    assert (
+        sum(p.numel() for p in model.parameters())
+        == sum(p.numel() for p in small_model(tie_embeddings=False).parameters()) - V * 32
+    )
     untied = small_model(tie_embeddings=False)
     assert untied.output_weight is not untied.embed.weight
     assert untied.output_weight.shape == (V, 32)
@@ -68,7 +70,7 @@ def test_tied_output_weight_is_embedding():
 def test_init_zeroes_pad_embedding():
     model = small_model()
     assert torch.all(model.embed.weight[PAD] == 0)
-    assert model.embed.weight[4:].std().item() == pytest.approx(32 ** -0.5, rel=0.1)
+    assert model.embed.weight[4:].std().item() == pytest.approx(32**-0.5, rel=0.1)
 
 
 def test_src_pad_mask_marks_pad():
@@ -120,8 +122,9 @@ def test_incremental_decoding_matches_full(kwargs):
     full = model(src, tgt_in)  # (3, 10, V)
     memory, src_pad_mask = model.encode(src)
     cache = model.new_cache()
-    steps = [model.project(model.decode(tgt_in[:, t:t + 1], memory, src_pad_mask, cache))
-             for t in range(tgt_in.size(1))]
+    steps = [
+        model.project(model.decode(tgt_in[:, t : t + 1], memory, src_pad_mask, cache)) for t in range(tgt_in.size(1))
+    ]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
@@ -132,8 +135,9 @@ def test_incremental_decoding_in_chunks_matches_full():
     full = model(src, tgt_in)
     memory, src_pad_mask = model.encode(src)
     cache = model.new_cache()
-    chunks = [model.project(model.decode(tgt_in[:, a:b], memory, src_pad_mask, cache))
-              for a, b in [(0, 3), (3, 4), (4, 9)]]
+    chunks = [
+        model.project(model.decode(tgt_in[:, a:b], memory, src_pad_mask, cache)) for a, b in [(0, 3), (3, 4), (4, 9)]
+    ]
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=0)
 
 
@@ -173,8 +177,19 @@ def test_backward_reaches_all_parameters():
 
 
 def test_build_model_takes_model_config_fields():
-    fields = dict(d_model=32, n_heads=2, ffn_dim=48, enc_layers=1, dec_layers=2, dropout=0.0, attn_dropout=0.0,
-                  pre_norm=False, positions="learned", tie_embeddings=False, max_positions=16)
+    fields = dict(
+        d_model=32,
+        n_heads=2,
+        ffn_dim=48,
+        enc_layers=1,
+        dec_layers=2,
+        dropout=0.0,
+        attn_dropout=0.0,
+        pre_norm=False,
+        positions="learned",
+        tie_embeddings=False,
+        max_positions=16,
+    )
     model = build_model(V, PAD, **fields)
     assert isinstance(model, Seq2Seq)
     assert len(model.encoder) == 1 and len(model.decoder) == 2

@@ -1,5 +1,6 @@
 """Faults and bad input: SIGKILL and resume, bad checkpoints, a malicious pickle, NaN losses,
 and the CLI's one-line errors."""
+
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from nmt_ls.checkpoint import CheckpointError
 from nmt_ls.config import load_recipe
 from nmt_ls.train import train
 
-from conftest import FIXTURE, ROOT, SMOKE_RECIPE, overrides
+from conftest import ROOT, SMOKE_RECIPE, overrides
 
 RECIPE = SMOKE_RECIPE
 
@@ -37,12 +38,21 @@ def test_sigkill_then_resume_loses_only_updates_since_the_checkpoint(tmp_path):
     extra = ("train.max_updates=30", "train.save_every_updates=4", "train.log_every_updates=1")
     args = overrides(out, *extra)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "nmt_ls", "train", RECIPE, *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nmt_ls", "train", RECIPE, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 180
         while time.time() < deadline:  # kill it once a checkpoint exists and training went past it
-            if (out / "checkpoint_last.pt").exists() and (out / "train_log.jsonl").exists() and max(log_updates(out), default=0) >= 10:
+            if (
+                (out / "checkpoint_last.pt").exists()
+                and (out / "train_log.jsonl").exists()
+                and max(log_updates(out), default=0) >= 10
+            ):
                 break
             time.sleep(0.2)
         proc.send_signal(signal.SIGKILL)
@@ -65,7 +75,9 @@ def test_sigkill_then_resume_loses_only_updates_since_the_checkpoint(tmp_path):
 
 def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path):
     good = tmp_path / "good.pt"
-    checkpoint.atomic_save({"format": checkpoint.FORMAT, "model": {"w": torch.ones(3)}, "config": {}, "update": 1}, good)
+    checkpoint.atomic_save(
+        {"format": checkpoint.FORMAT, "model": {"w": torch.ones(3)}, "config": {}, "update": 1}, good
+    )
     assert checkpoint.load(good)["update"] == 1
     data = good.read_bytes()
     truncated = tmp_path / "truncated.pt"
@@ -104,7 +116,7 @@ def test_malicious_pickle_is_not_executed(tmp_path):
     assert not marker.exists()
 
 
-NAN_PLUGIN = '''
+NAN_PLUGIN = """
 import torch
 from nmt_ls.criterions import register_criterion
 from nmt_ls.criterions.label_smoothed import LabelSmoothedCrossEntropyCriterion
@@ -118,7 +130,7 @@ class NaNAt(LabelSmoothedCrossEntropyCriterion):
         if NaNAt.calls in {bad}:
             out.loss = out.loss * float("nan")
         return out
-'''
+"""
 
 
 def write_plugin(tmp_path, monkeypatch, module, name, bad):
@@ -128,8 +140,16 @@ def write_plugin(tmp_path, monkeypatch, module, name, bad):
 
 def test_nan_loss_is_skipped_and_reported(tmp_path, monkeypatch, caplog):
     write_plugin(tmp_path, monkeypatch, "nan_once", "nan_once", "{3, 4}")
-    cfg = load_recipe(RECIPE, overrides(tmp_path / "run", "train.max_updates=6", "train.log_every_updates=1",
-                                        "criterion.name=nan_once", "criterion.user_module=nan_once"))
+    cfg = load_recipe(
+        RECIPE,
+        overrides(
+            tmp_path / "run",
+            "train.max_updates=6",
+            "train.log_every_updates=1",
+            "criterion.name=nan_once",
+            "criterion.user_module=nan_once",
+        ),
+    )
     summary = train(cfg)
     assert summary["updates"] == 6  # two batches skipped, six good updates
     assert "non-finite loss or gradient, batch skipped (2 in a row)" in caplog.text
@@ -140,8 +160,16 @@ def test_nan_loss_is_skipped_and_reported(tmp_path, monkeypatch, caplog):
 
 def test_repeated_nan_losses_stop_training(tmp_path, monkeypatch):
     write_plugin(tmp_path, monkeypatch, "nan_always", "nan_always", "range(10**6)")
-    cfg = load_recipe(RECIPE, overrides(tmp_path / "run", "train.max_updates=10", "train.max_bad_updates=3",
-                                        "criterion.name=nan_always", "criterion.user_module=nan_always"))
+    cfg = load_recipe(
+        RECIPE,
+        overrides(
+            tmp_path / "run",
+            "train.max_updates=10",
+            "train.max_bad_updates=3",
+            "criterion.name=nan_always",
+            "criterion.user_module=nan_always",
+        ),
+    )
     with pytest.raises(FloatingPointError, match="3 consecutive non-finite updates at update 1"):
         train(cfg)
 

@@ -1,4 +1,5 @@
 """End-to-end training on CPU: loss falls, ppl = exp(nll), checkpoints round-trip and resume."""
+
 import dataclasses
 import json
 import math
@@ -18,9 +19,16 @@ FIXTURE = ROOT / "tests" / "data" / "lohelp_en_de"
 
 
 def smoke_cfg(tmp_path, *overrides):
-    return load_recipe(ROOT / "recipes" / "smoke.yaml",
-                       [f"out_dir={str(tmp_path / 'run')!r}", f"data.dir={str(FIXTURE)!r}", "data.valid_bleu_sentences=20",
-                        "tokenizer.vocab_size=500", *overrides])
+    return load_recipe(
+        ROOT / "recipes" / "smoke.yaml",
+        [
+            f"out_dir={str(tmp_path / 'run')!r}",
+            f"data.dir={str(FIXTURE)!r}",
+            "data.valid_bleu_sentences=20",
+            "tokenizer.vocab_size=500",
+            *overrides,
+        ],
+    )
 
 
 def read_log(path):
@@ -78,7 +86,9 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     full = train(smoke_cfg(tmp_path / "a", "train.max_updates=12", *common))
     stopped_cfg = smoke_cfg(tmp_path / "b", "train.max_updates=6", *common)
     train(stopped_cfg)
-    resumed = train(dataclasses.replace(stopped_cfg, train=dataclasses.replace(stopped_cfg.train, max_updates=12)), resume=True)
+    resumed = train(
+        dataclasses.replace(stopped_cfg, train=dataclasses.replace(stopped_cfg.train, max_updates=12)), resume=True
+    )
     a = [r for r in read_log(full["log"]) if r["kind"] == "train"]
     b = [r for r in read_log(resumed["log"]) if r["kind"] == "train"]
     assert [r["update"] for r in b] == list(range(1, 13))
@@ -105,11 +115,26 @@ def test_copy_task_drives_valid_ppl_near_one(tmp_path):
     data = tmp_path / "copy"
     data.mkdir()
     write_copy_task(data, n_train=4000, n_valid=50)
-    cfg = smoke_cfg(tmp_path, f"data.dir={str(data)!r}", "tokenizer.vocab_size=280",
-                    "model.d_model=64", "model.ffn_dim=128", "model.n_heads=4", "model.enc_layers=2", "model.dec_layers=2",
-                    "model.dropout=0.0", "train.lr=0.003", "train.warmup_steps=30", "train.max_tokens=1000",
-                    "train.max_epochs=100", "train.max_updates=250", "train.validate_every_updates=0",
-                    "train.log_every_updates=50", "criterion.label_smoothing=0.0", "data.valid_bleu_sentences=50")
+    cfg = smoke_cfg(
+        tmp_path,
+        f"data.dir={str(data)!r}",
+        "tokenizer.vocab_size=280",
+        "model.d_model=64",
+        "model.ffn_dim=128",
+        "model.n_heads=4",
+        "model.enc_layers=2",
+        "model.dec_layers=2",
+        "model.dropout=0.0",
+        "train.lr=0.003",
+        "train.warmup_steps=30",
+        "train.max_tokens=1000",
+        "train.max_epochs=100",
+        "train.max_updates=250",
+        "train.validate_every_updates=0",
+        "train.log_every_updates=50",
+        "criterion.label_smoothing=0.0",
+        "data.valid_bleu_sentences=50",
+    )
     summary = train(cfg)
     valid = [r for r in read_log(summary["log"]) if r["kind"] == "valid"]
     assert valid[-1]["ppl"] < 1.1, valid

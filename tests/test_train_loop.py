@@ -1,6 +1,7 @@
 """The training loop off the tuned path: a NaN at an epoch's end, resuming a finished run or an
 old epoch-end checkpoint, checkpoints on another device, a stale sentencepiece model, and
 options that must fail before any data work. Each test failed before its fix."""
+
 import json
 import re
 import signal
@@ -44,7 +45,7 @@ def read_log(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "train_log.jsonl").read_text().splitlines()]
 
 
-NAN_AT = '''
+NAN_AT = """
 from nmt_ls.criterions import register_criterion
 from nmt_ls.criterions.label_smoothed import LabelSmoothedCrossEntropyCriterion
 
@@ -58,7 +59,7 @@ class NaNAt(LabelSmoothedCrossEntropyCriterion):
             if NaNAt.calls == {bad}:
                 out.loss = out.loss * float("nan")
         return out
-'''
+"""
 
 
 def test_nan_at_the_last_update_of_an_epoch_still_ends_the_epoch(tmp_path, monkeypatch):
@@ -66,8 +67,17 @@ def test_nan_at_the_last_update_of_an_epoch_still_ends_the_epoch(tmp_path, monke
     per_epoch = one_epoch["updates"]
     (tmp_path / "nan_last.py").write_text(NAN_AT.format(name="nan_last", bad=per_epoch))
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = load_recipe(SMOKE_RECIPE, overrides(tmp_path / "run", *FAST, "train.max_updates=0", "train.max_epochs=2",
-                                              "criterion.name=nan_last", "criterion.user_module=nan_last"))
+    cfg = load_recipe(
+        SMOKE_RECIPE,
+        overrides(
+            tmp_path / "run",
+            *FAST,
+            "train.max_updates=0",
+            "train.max_epochs=2",
+            "criterion.name=nan_last",
+            "criterion.user_module=nan_last",
+        ),
+    )
     with time_limit(120):
         summary = train(cfg)
     assert summary["epochs"] == 2
@@ -181,11 +191,22 @@ def test_wsd_plan_ends_its_cooldown_at_the_budget(tmp_path, monkeypatch, max_min
     step, validate = loop.train_step, loop.validate
     monkeypatch.setattr(loop, "train_step", lambda run, group: (clock.advance(0.1), step(run, group))[1])
     monkeypatch.setattr(loop, "validate", lambda run: (clock.advance(0.5), validate(run))[1])
-    cfg = load_recipe(SMOKE_RECIPE, overrides(tmp_path / "run", "train.max_updates=0", "train.max_epochs=1000",
-                                              f"train.max_minutes={max_minutes}", "train.lr_scheduler='wsd'",
-                                              "train.warmup_steps=10", "train.plan_window_updates=10",
-                                              "train.validate_every_updates=30", "train.log_every_updates=1",
-                                              "train.end_lr=0.0", "model.dropout=0.0"))
+    cfg = load_recipe(
+        SMOKE_RECIPE,
+        overrides(
+            tmp_path / "run",
+            "train.max_updates=0",
+            "train.max_epochs=1000",
+            f"train.max_minutes={max_minutes}",
+            "train.lr_scheduler='wsd'",
+            "train.warmup_steps=10",
+            "train.plan_window_updates=10",
+            "train.validate_every_updates=30",
+            "train.log_every_updates=1",
+            "train.end_lr=0.0",
+            "model.dropout=0.0",
+        ),
+    )
     summary = train(cfg)
     assert summary["stop_reason"].startswith(f"reached the {summary['updates']} updates planned")
     assert summary["final_lr"] == 0.0  # the cooldown ran to its end

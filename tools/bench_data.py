@@ -8,9 +8,12 @@ Corpora ``{dir}/synth{N}.{en,de}`` are made by tools/make_synthetic_corpus.py wh
 sentencepiece model of the recipe's vocabulary size is trained once on 200k sampled sentences
 of the smallest one (neither is timed). Then, in this order:
 
-1. Binarization: ``binarize.open_or_build`` on an empty cache with ``--encode-workers``
-   processes (and with 1 at the smallest size), the recipe's filters; pairs/s and sentences/s
-   (2 per pair read) over the whole build, reading and writing included.
+1. Binarization, in a fresh process: ``binarize.open_or_build`` on an empty cache with
+   ``--encode-workers`` processes (and with 1 at the smallest size), the recipe's filters;
+   pairs/s and sentences/s (2 per pair read) over the whole build, reading and writing
+   included; pairs per CPU second (user + sys of the process and its workers: what the wall
+   figure would be per free core on a machine that others do not load); peak RSS of the main
+   process and of the largest worker (``ru_maxrss``): the input is streamed, never held.
 2. Start to first update: ``--workers`` fresh processes (``gloo`` process group when more
    than one) each time from just before the parent starts them (so Python start and imports
    count) to the end of ``optimizer.step()`` of the first update: open the data, batch epoch 0
@@ -18,7 +21,7 @@ of the smallest one (neither is timed). Then, in this order:
    criterion and AdamW, forward, backward, step, float32. ``mmap``: ``open_or_build`` on the
    cache of step 1 (``build=False``). ``memory`` (today's path, the reference, smallest size
    only): rank 0 ``read_pairs``, ``broadcast_object_list`` to the others, every worker
-   ``train.encode_pairs``; the strings stay alive as in ``train.train``. RSS is VmRSS of
+   ``binarize.encode_pairs``; the strings stay alive as in the old in-memory ``train.train``. RSS is VmRSS of
    /proc/self/status right after that step (anonymous and file-backed parts shown, the file
    pages of the mapped corpus are shared by the workers), and VmHWM, the peak up to it.
 3. Storage: the same ids as an Arrow table through ``datasets`` (``save_to_disk``,
@@ -29,6 +32,7 @@ of the smallest one (neither is timed). Then, in this order:
 
 Files of sizes over 1M pairs (text and cache) are deleted at the end unless ``--keep``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,18 +68,26 @@ def rss_fields() -> dict:
 
 def open_data(args, cfg, tok, rank: int, world_size: int):
     """The training pairs as the chosen path holds them; returns (corpus, what keeps them alive)."""
-    from nmt_ls.binarize import EncodedPairs, open_or_build
+    from nmt_ls.binarize import encode_pairs, open_or_build
 
     d = cfg.data
     if args.mode == "mmap":
-        corpus = open_or_build(args.corpus, d.src_lang, d.tgt_lang, split="train", spm_path=args.spm,
-                               cache_dir=args.cache, max_positions=cfg.model.max_positions, max_len=d.max_len,
-                               max_ratio=d.max_ratio, build=False)
+        corpus = open_or_build(
+            args.corpus,
+            d.src_lang,
+            d.tgt_lang,
+            split="train",
+            spm_path=args.spm,
+            cache_dir=args.cache,
+            max_positions=cfg.model.max_positions,
+            max_len=d.max_len,
+            max_ratio=d.max_ratio,
+            build=False,
+        )
         return corpus, None
     import torch.distributed as dist
 
     from nmt_ls.data import read_pairs
-    from nmt_ls.train import encode_pairs
 
     pairs = None
     if rank == 0:
@@ -86,7 +98,7 @@ def open_data(args, cfg, tok, rank: int, world_size: int):
         box = [pairs]
         dist.broadcast_object_list(box, src=0)
         pairs = box[0]
-    return EncodedPairs(*encode_pairs(tok, pairs, cfg.model.max_positions)), pairs
+    return encode_pairs(tok, pairs, cfg.model.max_positions), pairs
 
 
 def first_update(args) -> None:
@@ -117,8 +129,13 @@ def first_update(args) -> None:
     torch.manual_seed(t.seed)
     model = build_model(tok.vocab_size, tok.pad_id, **dataclasses.asdict(cfg.model))
     c = cfg.criterion
-    criterion = build_criterion(c.name, padding_idx=tok.pad_id, label_smoothing=c.label_smoothing,
-                                smoothing=c.smoothing, fused=c.path == "fused")
+    criterion = build_criterion(
+        c.name,
+        pad_id=tok.pad_id,
+        label_smoothing=c.label_smoothing,
+        smoothing=c.smoothing,
+        fused=c.implementation == "fused",
+    )
     optimizer = build_optimizer(model, t.lr, t.betas, t.adam_eps, t.weight_decay)
     ddp = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     marks["model"] = time.time() - args.t0
@@ -129,20 +146,57 @@ def first_update(args) -> None:
     marks["first_update"] = time.time() - args.t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     marks["cpu"] = usage.ru_utime + usage.ru_stime
-    print(json.dumps({"rank": rank, "pairs": len(corpus), "batches": len(batches), "batch_sentences": len(batch),
-                      "loss": float(loss.detach()), **marks, **rss_fields()}), flush=True)
+    print(
+        json.dumps(
+            {
+                "rank": rank,
+                "pairs": len(corpus),
+                "batches": len(batches),
+                "batch_sentences": len(batch),
+                "loss": float(loss.detach()),
+                **marks,
+                **rss_fields(),
+            }
+        ),
+        flush=True,
+    )
     if world_size > 1:
         dist.destroy_process_group()
 
 
 def run_workers(args, mode: str, corpus: Path, cache: Path, spm: Path, world_size: int, port: int) -> list[dict]:
-    cmd = [sys.executable, __file__, "--worker", mode, "--corpus", str(corpus), "--cache", str(cache),
-           "--spm", str(spm), "--recipe", str(args.recipe)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        mode,
+        "--corpus",
+        str(corpus),
+        "--cache",
+        str(cache),
+        "--spm",
+        str(spm),
+        "--recipe",
+        str(args.recipe),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "PYTHONPATH": str(ROOT),
+    }
     t0 = time.time()
-    procs = [subprocess.Popen([*cmd, "--t0", repr(t0)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, text=True) for r in range(world_size)]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--t0", repr(t0)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world_size)
+    ]
     outs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
         sys.exit(f"{mode} worker failed: exit codes {[p.returncode for p in procs]}")
@@ -167,25 +221,86 @@ def prepare(args, cfg) -> tuple[dict[int, Path], Path]:
     spm = args.dir / f"spm{cfg.tokenizer.vocab_size}.model"
     if not spm.exists():
         small = prefixes[min(args.sizes)]
-        train_spm([Path(f"{small}.en"), Path(f"{small}.de")], spm.with_suffix(""), cfg.tokenizer.vocab_size,
-                  model_type=cfg.tokenizer.model_type, input_sentence_size=200_000)
+        train_spm(
+            [Path(f"{small}.en"), Path(f"{small}.de")],
+            spm.with_suffix(""),
+            cfg.tokenizer.vocab_size,
+            model_type=cfg.tokenizer.model_type,
+            input_sentence_size=200_000,
+        )
     return prefixes, spm
 
 
-def bench_binarize(cfg, prefix: Path, cache: Path, spm: Path, num_workers: int) -> dict:
+def build_cache(args) -> None:
+    """The worker of ``bench_binarize``: one build from scratch, timed, with CPU and memory use."""
     from nmt_ls.binarize import open_or_build
+    from nmt_ls.config import load_recipe
 
-    shutil.rmtree(cache, ignore_errors=True)
+    cfg = load_recipe(args.recipe)
+    shutil.rmtree(args.cache, ignore_errors=True)
     d = cfg.data
     start = time.time()
-    corpus = open_or_build(prefix, d.src_lang, d.tgt_lang, split="train", spm_path=spm, cache_dir=cache,
-                           max_positions=cfg.model.max_positions, max_len=d.max_len, max_ratio=d.max_ratio,
-                           num_workers=num_workers)
+    corpus = open_or_build(
+        args.corpus,
+        d.src_lang,
+        d.tgt_lang,
+        split="train",
+        spm_path=args.spm,
+        cache_dir=args.cache,
+        max_positions=cfg.model.max_positions,
+        max_len=d.max_len,
+        max_ratio=d.max_ratio,
+        num_workers=args.encode_workers,
+    )
     seconds = time.time() - start
-    n_read = corpus.meta["counts"]["n_read"]
-    disk = sum(f.stat().st_size for f in corpus.path.iterdir())
-    return {"corpus": corpus, "seconds": seconds, "pairs_per_s": n_read / seconds,
-            "sentences_per_s": 2 * n_read / seconds, "n_read": n_read, "n_kept": len(corpus), "disk_mb": disk / 2**20}
+    main, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(
+        json.dumps(
+            {
+                "path": str(corpus.path),
+                "seconds": seconds,
+                "n_read": corpus.meta["counts"]["n_read"],
+                "n_kept": len(corpus),
+                "disk_mb": sum(f.stat().st_size for f in corpus.path.iterdir()) / 2**20,
+                "cpu_main": main.ru_utime + main.ru_stime,
+                "cpu_workers": workers.ru_utime + workers.ru_stime,
+                "peak_main_mb": main.ru_maxrss / 1024,
+                "peak_worker_mb": workers.ru_maxrss / 1024,
+            }
+        )
+    )
+
+
+def bench_binarize(args, prefix: Path, cache: Path, spm: Path, num_workers: int) -> dict:
+    """Build the cache of ``prefix`` in a fresh process (so its peak RSS is its own)."""
+    from nmt_ls.binarize import MmapPairs
+
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "binarize",
+        "--corpus",
+        str(prefix),
+        "--cache",
+        str(cache),
+        "--spm",
+        str(spm),
+        "--recipe",
+        str(args.recipe),
+        "--encode-workers",
+        str(num_workers),
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    cpu = result["cpu_main"] + result["cpu_workers"]
+    return {
+        **result,
+        "corpus": MmapPairs(result["path"]),
+        "pairs_per_s": result["n_read"] / result["seconds"],
+        "sentences_per_s": 2 * result["n_read"] / result["seconds"],
+        "pairs_per_cpu_s": result["n_read"] / cpu,
+    }
 
 
 def bench_arrow(corpus, batches: list, folder: Path) -> None:
@@ -195,8 +310,10 @@ def bench_arrow(corpus, batches: list, folder: Path) -> None:
 
     shutil.rmtree(folder, ignore_errors=True)
     start = time.time()
-    columns = {side: pa.ListArray.from_arrays(pa.array(corpus._offsets[side]), pa.array(corpus._ids[side]))
-               for side in ("src", "tgt")}
+    columns = {
+        side: pa.ListArray.from_arrays(pa.array(corpus._offsets[side]), pa.array(corpus._ids[side]))
+        for side in ("src", "tgt")
+    }
     datasets.Dataset(pa.table(columns)).save_to_disk(str(folder))
     write_s = time.time() - start
     start = time.time()
@@ -216,8 +333,10 @@ def bench_arrow(corpus, batches: list, folder: Path) -> None:
     mmap_get = (time.time() - start) / len(batches)
     mean_bsz = sum(len(b) for b in batches) / len(batches)
     print(f"\nstorage ({len(corpus)} pairs; {len(batches)} batches of epoch 0, mean {mean_bsz:.0f} pairs):")
-    print(f"  Arrow via datasets: write {write_s:.2f} s (from the encoded arrays), open {open_s:.2f} s, "
-          f"lengths {lens_s:.3f} s, get {1e3 * arrow_get:.2f} ms/batch")
+    print(
+        f"  Arrow via datasets: write {write_s:.2f} s (from the encoded arrays), open {open_s:.2f} s, "
+        f"lengths {lens_s:.3f} s, get {1e3 * arrow_get:.2f} ms/batch"
+    )
     print(f"  MmapPairs:          get {1e3 * mmap_get:.2f} ms/batch -> Arrow / MmapPairs = {arrow_get / mmap_get:.1f}x")
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -226,8 +345,12 @@ def bench_batching(corpus, base_rev: str) -> None:
     from nmt_ls.batching import batch_by_tokens
 
     try:
-        code = subprocess.run(["git", "-C", str(ROOT), "show", f"{base_rev}:nmt_ls/batching.py"], check=True,
-                              capture_output=True, text=True).stdout
+        code = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{base_rev}:nmt_ls/batching.py"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError) as err:
         print(f"\nbatching: no reference ({err})")
         return
@@ -242,30 +365,45 @@ def bench_batching(corpus, base_rev: str) -> None:
     old = base.batch_by_tokens(src_lens, tgt_lens, 4000, seed=1, epoch=0)
     old_s = time.time() - start
     same = len(new) == len(old) and all(a.tolist() == b for a, b in zip(new, old))
-    print(f"\nbatching {len(src_lens)} pairs (max_tokens 4000, {len(new)} batches): vectorised {new_s:.2f} s, "
-          f"{base_rev} {old_s:.2f} s -> {old_s / new_s:.1f}x faster; identical batches: {same}")
+    print(
+        f"\nbatching {len(src_lens)} pairs (max_tokens 4000, {len(new)} batches): vectorised {new_s:.2f} s, "
+        f"{base_rev} {old_s:.2f} s -> {old_s / new_s:.1f}x faster; identical batches: {same}"
+    )
 
 
 # ---- report ---------------------------------------------------------------------------------
 
 
 def report(rows: list[tuple], binarized: dict) -> None:
-    print("\nbinarization (whole build: read, filter, encode, write):")
+    print(
+        f"\nbinarization (whole build: read, filter, encode, write; load average {os.getloadavg()[0]:.1f}); "
+        "pairs per CPU second = pairs / (user + sys of the main process and its workers); peak RSS (MB) of the "
+        "main process and of the largest worker:"
+    )
     for (n, workers), b in binarized.items():
-        print(f"  {n:>9} pairs, {workers} worker(s): {b['seconds']:7.1f} s  {b['pairs_per_s']:8.0f} pairs/s  "
-              f"{b['sentences_per_s']:8.0f} sentences/s  kept {b['n_kept']}/{b['n_read']}  "
-              f"{b['disk_mb']:.0f} MB on disk")
-    print(f"\nstart -> first update, per worker (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs). "
-          "Seconds from start: imports done, data open, first batch collated, model + AdamW built, first update done; "
-          "cpu = user + sys seconds of the worker; MB: RSS = anon + file-backed, peak = VmHWM")
-    print(f"  {'path':<7}{'pairs':>8}{'workers':>8}{'imports':>8}{'data':>7}{'batch':>7}{'model':>7}{'first':>7}"
-          f"{'cpu':>7}{'RSS':>7}{'anon':>7}{'file':>6}{'peak':>7}")
+        print(
+            f"  {n:>8} pairs, {workers} worker(s): {b['seconds']:6.1f} s {b['pairs_per_s']:7.0f} pairs/s "
+            f"{b['sentences_per_s']:7.0f} sentences/s | {b['pairs_per_cpu_s']:6.0f} pairs/CPU s | "
+            f"peak {b['peak_main_mb']:.0f} + {b['peak_worker_mb']:.0f} | kept {b['n_kept']}/{b['n_read']}, "
+            f"{b['disk_mb']:.0f} MB on disk"
+        )
+    print(
+        f"\nstart -> first update, per worker (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs). "
+        "Seconds from start: imports done, data open, first batch collated, model + AdamW built, first update done; "
+        "cpu = user + sys seconds of the worker; MB: RSS = anon + file-backed, peak = VmHWM"
+    )
+    print(
+        f"  {'path':<7}{'pairs':>8}{'workers':>8}{'imports':>8}{'data':>7}{'batch':>7}{'model':>7}{'first':>7}"
+        f"{'cpu':>7}{'RSS':>7}{'anon':>7}{'file':>6}{'peak':>7}"
+    )
     for mode, n, world_size, results in rows:
         for r in results:
-            print(f"  {mode:<7}{n:>8}{world_size:>8}{r['imports']:8.1f}{r['data']:7.1f}{r['batched']:7.1f}"
-                  f"{r['model']:7.1f}{r['first_update']:7.1f}{r['cpu']:7.1f}{r['VmRSS']:7.0f}{r['RssAnon']:7.0f}"
-                  f"{r['RssFile']:6.0f}{r['VmHWM']:7.0f}  rank {r['rank']}, {r['pairs']} pairs, "
-                  f"{r['batch_sentences']} in batch")
+            print(
+                f"  {mode:<7}{n:>8}{world_size:>8}{r['imports']:8.1f}{r['data']:7.1f}{r['batched']:7.1f}"
+                f"{r['model']:7.1f}{r['first_update']:7.1f}{r['cpu']:7.1f}{r['VmRSS']:7.0f}{r['RssAnon']:7.0f}"
+                f"{r['RssFile']:6.0f}{r['VmHWM']:7.0f}  rank {r['rank']}, {r['pairs']} pairs, "
+                f"{r['batch_sentences']} in batch"
+            )
     by_key = {(mode, n, w): max(r["VmRSS"] for r in res) for mode, n, w, res in rows}
     starts = {(mode, n, w): max(r["first_update"] for r in res) for mode, n, w, res in rows}
     ready = {(mode, n, w): max(r["batched"] for r in res) for mode, n, w, res in rows}
@@ -275,15 +413,19 @@ def report(rows: list[tuple], binarized: dict) -> None:
     for w in sorted({w for _, _, w, _ in rows}):
         ref, mm = by_key.get(("memory", small, w)), by_key.get(("mmap", small, w))
         if ref and mm:
-            print(f"  {w} worker(s), {small} pairs: RSS mmap / memory = {mm / ref:.2f}, "
-                  f"start mmap / memory = {starts[('mmap', small, w)] / starts[('memory', small, w)]:.2f}, "
-                  f"first batch ready mmap / memory = {ready[('mmap', small, w)] / ready[('memory', small, w)]:.2f}")
+            print(
+                f"  {w} worker(s), {small} pairs: RSS mmap / memory = {mm / ref:.2f}, "
+                f"start mmap / memory = {starts[('mmap', small, w)] / starts[('memory', small, w)]:.2f}, "
+                f"first batch ready mmap / memory = {ready[('mmap', small, w)] / ready[('memory', small, w)]:.2f}"
+            )
         big = by_key.get(("mmap", large, w))
         if mm and big and large != small:
-            print(f"  {w} worker(s): RSS mmap {large} / {small} = {big / mm:.2f} (target <= 1.3), {big:.0f} MB "
-                  f"(target <= 1536), start {starts[('mmap', large, w)]:.1f} s (target <= 30), "
-                  f"first batch ready {ready[('mmap', large, w)]:.1f} s "
-                  f"vs {ready[('mmap', small, w)]:.1f} s at {small}")
+            print(
+                f"  {w} worker(s): RSS mmap {large} / {small} = {big / mm:.2f} (target <= 1.3), {big:.0f} MB "
+                f"(target <= 1536), start {starts[('mmap', large, w)]:.1f} s (target <= 30), "
+                f"first batch ready {ready[('mmap', large, w)]:.1f} s "
+                f"vs {ready[('mmap', small, w)]:.1f} s at {small}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,11 +437,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "lohelp_en_de.yaml")
     ap.add_argument("--base-rev", default=BASE_REV)
     ap.add_argument("--keep", action="store_true", help="keep files of sizes over 1M pairs")
-    ap.add_argument("--worker", choices=["mmap", "memory"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["mmap", "memory", "binarize"], help=argparse.SUPPRESS)
     for name in ("--corpus", "--cache", "--spm"):
         ap.add_argument(name, help=argparse.SUPPRESS)
     ap.add_argument("--t0", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker == "binarize":
+        build_cache(args)
+        return 0
     if args.worker:
         args.mode = args.worker
         first_update(args)
@@ -313,15 +458,21 @@ def main(argv: list[str] | None = None) -> int:
     small = min(args.sizes)
     for n in sorted(args.sizes):
         cache = args.dir / f"bin{n}"
-        binarized[(n, args.encode_workers)] = bench_binarize(cfg, prefixes[n], cache, spm, args.encode_workers)
+        binarized[(n, args.encode_workers)] = bench_binarize(args, prefixes[n], cache, spm, args.encode_workers)
         if n == small and args.encode_workers != 1:
-            binarized[(n, 1)] = bench_binarize(cfg, prefixes[n], cache, spm, 1)
+            binarized[(n, 1)] = bench_binarize(args, prefixes[n], cache, spm, 1)
     for n in sorted(args.sizes):
         for world_size in args.workers:
             for mode in ("memory", "mmap") if n == small else ("mmap",):
                 port += 1
-                rows.append((mode, n, world_size, run_workers(args, mode, prefixes[n], args.dir / f"bin{n}", spm,
-                                                              world_size, port)))
+                rows.append(
+                    (
+                        mode,
+                        n,
+                        world_size,
+                        run_workers(args, mode, prefixes[n], args.dir / f"bin{n}", spm, world_size, port),
+                    )
+                )
     report(rows, binarized)
     corpus_small = binarized[(small, args.encode_workers)]["corpus"]
     from nmt_ls.batching import batch_by_tokens

@@ -11,6 +11,7 @@ probability 0.3, word dropout (each word with probability 0.1, keeping at least 
 with probability 0.3, one swap of two neighbouring words. The output depends only on the
 base corpus, ``-n`` and ``--seed``; it is written in chunks, never held whole.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,14 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    with open(f"{args.out}.{args.src_lang}", "w", encoding="utf-8") as f_src, \
-            open(f"{args.out}.{args.tgt_lang}", "w", encoding="utf-8") as f_tgt:
+    with (
+        open(f"{args.out}.{args.src_lang}", "w", encoding="utf-8") as f_src,
+        open(f"{args.out}.{args.tgt_lang}", "w", encoding="utf-8") as f_tgt,
+    ):
         for chunk_start in range(0, args.n, 100_000):
             pairs = [make_pair(base, rng) for _ in range(min(100_000, args.n - chunk_start))]
             f_src.write("".join(s + "\n" for s, _ in pairs))
             f_tgt.write("".join(t + "\n" for _, t in pairs))
-    print(f"wrote {args.n} pairs to {args.out}.{{{args.src_lang},{args.tgt_lang}}} in {time.time() - start:.1f} s "
-          f"(from {len(base)} base pairs)")
+    print(
+        f"wrote {args.n} pairs to {args.out}.{{{args.src_lang},{args.tgt_lang}}} in {time.time() - start:.1f} s "
+        f"(from {len(base)} base pairs)"
+    )
     return 0
 
 

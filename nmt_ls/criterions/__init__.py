@@ -5,6 +5,7 @@
 Plugins: ``import_user_module("my_pkg.losses")`` imports a module whose
 ``@register_criterion("name")`` classes then build by name.
 """
+
 from __future__ import annotations
 
 import importlib

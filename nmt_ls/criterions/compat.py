@@ -12,6 +12,7 @@ target (except :func:`smooth_one_hot`, whose job is to return one).
   summed, eps/(K-2) off gold, pad column and pad rows zero; accepts decoder outputs of
   any shape (B, T, V) via ``_bottle``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,9 +35,7 @@ class LabelSmoothingCrossEntropy(nn.Module):
         self.eps, self.reduction, self.ignore_index = eps, reduction, ignore_index
 
     def forward(self, output: Tensor, target: Tensor) -> Tensor:
-        return label_smoothed_cross_entropy(
-            output, target, self.eps, self.ignore_index, "uniform", self.reduction
-        ).loss
+        return label_smoothed_cross_entropy(output, target, self.eps, self.ignore_index, "uniform", self.reduction).loss
 
 
 class LabelSmoothingLoss(nn.Module):
@@ -57,9 +56,7 @@ class LabelSmoothingLoss(nn.Module):
         pred = pred.movedim(self.dim, -1)
         if pred.size(-1) != self.classes:
             raise ValueError(f"pred has {pred.size(-1)} classes along dim {self.dim}, expected {self.classes}")
-        return label_smoothed_cross_entropy(
-            pred, target, self.smoothing, self.ignore_index, "others", "mean"
-        ).loss
+        return label_smoothed_cross_entropy(pred, target, self.smoothing, self.ignore_index, "others", "mean").loss
 
 
 class LabelSmoothingKLDivLoss(nn.Module):

@@ -22,6 +22,7 @@ input already holds log-probabilities). Rows whose target is ``ignore_index`` co
 nothing, to the NLL and to the smoothing term alike. The KL form is ``CE(q, p) - H(q)``,
 with the entropy ``H(q)`` in closed form (a constant per smoothing).
 """
+
 from __future__ import annotations
 
 import math
@@ -68,9 +69,7 @@ def smoothed_target_entropy(epsilon: float, num_classes: int, smoothing: str) ->
     return -(_xlogx(1 - eps) + n_others * _xlogx(eps / n_others))
 
 
-def check_args(
-    num_classes: int, epsilon: float, smoothing: str, ignore_index: int | None
-) -> None:
+def check_args(num_classes: int, epsilon: float, smoothing: str, ignore_index: int | None) -> None:
     """Raise ValueError naming the argument that makes the smoothing ill-defined."""
     if not 0.0 <= epsilon < 1.0:
         raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
@@ -78,12 +77,8 @@ def check_args(
         raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
     min_classes = {"uniform": 1, "others": 2, "others_no_pad": 3}[smoothing]
     if num_classes < min_classes:
-        raise ValueError(
-            f"smoothing={smoothing!r} needs at least {min_classes} classes, got {num_classes}"
-        )
-    if smoothing == "others_no_pad" and (
-        ignore_index is None or not 0 <= ignore_index < num_classes
-    ):
+        raise ValueError(f"smoothing={smoothing!r} needs at least {min_classes} classes, got {num_classes}")
+    if smoothing == "others_no_pad" and (ignore_index is None or not 0 <= ignore_index < num_classes):
         raise ValueError(
             "smoothing='others_no_pad' zeroes the padding column, so ignore_index must be a "
             f"class index in [0, {num_classes}), got {ignore_index}"
@@ -247,9 +242,7 @@ def label_smoothed_nll_loss(
         target = target.unsqueeze(-1)
     if target.shape[-1] != 1:
         raise ValueError(f"target must have shape (...) or (..., 1), got {tuple(target.shape)}")
-    loss, nll, _ = token_terms(
-        lprobs, target.squeeze(-1), epsilon, ignore_index, "others", log_probs=True
-    )
+    loss, nll, _ = token_terms(lprobs, target.squeeze(-1), epsilon, ignore_index, "others", log_probs=True)
     if reduce:
         return loss.sum(), nll.sum()
     shape = target.shape if ignore_index is not None else target.shape[:-1]

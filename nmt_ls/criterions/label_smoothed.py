@@ -5,6 +5,7 @@
 (from several batches or several workers; every entry is a sum) into per-token numbers.
 Losses are in nats; ``ppl = exp(nll_loss)``, which equals fairseq's ``2 ** nll_loss`` in bits.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,7 +68,9 @@ class LabelSmoothedCrossEntropyCriterion(nn.Module):
         loss_fn = fused_label_smoothed_cross_entropy if self.fused else label_smoothed_cross_entropy
         return loss_fn(logits, target, self.eps, self.pad_id, self.smoothing, reduction)
 
-    def compute_from_features(self, features: Tensor, weight: Tensor, target: Tensor, reduction: str = "sum") -> LossOutput:
+    def compute_from_features(
+        self, features: Tensor, weight: Tensor, target: Tensor, reduction: str = "sum"
+    ) -> LossOutput:
         """Loss terms from decoder features (B, T, D) and the output projection (V, D),
         chunk by chunk, without materialising the (B, T, V) logits."""
         if self.ignore_prefix_size > 0:
@@ -136,9 +139,7 @@ class LabelSmoothedKLCriterion(LabelSmoothedCrossEntropyCriterion):
         sentence_avg: bool = False,
         fused: bool = False,
     ):
-        super().__init__(
-            pad_id, label_smoothing, smoothing, ignore_prefix_size, report_accuracy, sentence_avg, fused
-        )
+        super().__init__(pad_id, label_smoothing, smoothing, ignore_prefix_size, report_accuracy, sentence_avg, fused)
 
     def training_loss(self, out: LossOutput) -> Tensor:
         return out.kl

@@ -14,6 +14,7 @@ Criteria: ``nmt_ls_label_smoothed`` (smoothed cross-entropy, ``--smoothing other
 fairseq's own distribution) and ``nmt_ls_label_smoothed_kl`` (its KL form, ``others_no_pad`` by
 default, OpenNMT-py's distribution).
 """
+
 import os
 
 USER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "user_dir", "nmt_ls_fairseq")

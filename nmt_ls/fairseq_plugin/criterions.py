@@ -14,6 +14,7 @@ decoder's logits ``net_output[0]`` to
 ``get_normalized_probs`` (same values; one logits-sized buffer instead of log-probs plus their
 gradient; not for an adaptive softmax).
 """
+
 # No ``from __future__ import annotations``: fairseq builds its argparse options from the
 # config dataclasses' field types, which must stay types, not strings.
 import math

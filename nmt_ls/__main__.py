@@ -97,9 +97,8 @@ def cmd_run(args) -> int:
         json.dumps({"train": summary, "test": scores, "total_minutes": minutes}, indent=2), encoding="utf-8"
     )
     beam, greedy = scores["beam"], scores["greedy"]
-    print(
-        f"\nrun {cfg.name} finished in {minutes:.1f} min ({summary['updates']} updates, {summary['minutes']:.1f} min training)"
-    )
+    updates, train_minutes = summary["updates"], summary["minutes"]
+    print(f"\nrun {cfg.name} finished in {minutes:.1f} min ({updates} updates, {train_minutes:.1f} min training)")
     print(f"  test BLEU (beam {beam['beam_size']}): {beam['bleu']:.2f}   greedy: {greedy['bleu']:.2f}")
     print(f"  signature:  {scores['beam']['bleu_signature']}")
     print(f"  log:        {summary['log']}")

@@ -59,8 +59,9 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
-    def forward(self, x: Tensor, key_mask: Tensor | None = None, causal: bool = False,
-                cache: dict[str, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, key_mask: Tensor | None = None, causal: bool = False, cache: dict[str, Tensor] | None = None
+    ) -> Tensor:
         """
         Args:
             x (Tensor): shape (B, T, D).
@@ -104,8 +105,9 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
-    def forward(self, x: Tensor, memory: Tensor, key_mask: Tensor | None = None,
-                cache: dict[str, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, memory: Tensor, key_mask: Tensor | None = None, cache: dict[str, Tensor] | None = None
+    ) -> Tensor:
         """
         Args:
             x (Tensor): decoder states, shape (B, T, D).
@@ -170,8 +172,9 @@ class DecoderLayer(_Layer):
         self.norm_cross = nn.LayerNorm(d_model)
         self.norm_ffn = nn.LayerNorm(d_model)
 
-    def forward(self, x: Tensor, memory: Tensor, key_mask: Tensor | None,
-                cache: dict[str, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, memory: Tensor, key_mask: Tensor | None, cache: dict[str, Tensor] | None = None
+    ) -> Tensor:
         x = self.residual(x, self.norm_self, lambda h: self.self_attn(h, causal=True, cache=cache))
         x = self.residual(x, self.norm_cross, lambda h: self.cross_attn(h, memory, key_mask, cache=cache))
         return self.residual(x, self.norm_ffn, self.ffn)
@@ -204,10 +207,22 @@ class Seq2Seq(nn.Module):
         >>> logits = model(src, tgt_in)  # (B, T, V)
     """
 
-    def __init__(self, vocab_size: int, d_model: int = 256, n_heads: int = 4, ffn_dim: int = 1024,
-                 enc_layers: int = 3, dec_layers: int = 3, dropout: float = 0.1, attn_dropout: float = 0.0,
-                 pad_id: int = 0, max_positions: int = 1024, pre_norm: bool = True,
-                 positions: str = "sinusoidal", tie_embeddings: bool = True):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 256,
+        n_heads: int = 4,
+        ffn_dim: int = 1024,
+        enc_layers: int = 3,
+        dec_layers: int = 3,
+        dropout: float = 0.1,
+        attn_dropout: float = 0.0,
+        pad_id: int = 0,
+        max_positions: int = 1024,
+        pre_norm: bool = True,
+        positions: str = "sinusoidal",
+        tie_embeddings: bool = True,
+    ):
         super().__init__()
         if positions not in ("sinusoidal", "learned"):
             raise ValueError(f"positions must be 'sinusoidal' or 'learned', got {positions!r}")
@@ -248,7 +263,7 @@ class Seq2Seq(nn.Module):
             if isinstance(module, CrossAttention):
                 for chunk in module.kv.weight.chunk(2, dim=0):
                     nn.init.xavier_uniform_(chunk)
-        std = self.d_model ** -0.5
+        std = self.d_model**-0.5
         nn.init.normal_(self.embed.weight, mean=0.0, std=std)
         with torch.no_grad():
             self.embed.weight[self.pad_id].zero_()
@@ -268,9 +283,9 @@ class Seq2Seq(nn.Module):
         if start_pos + T > self.max_positions:
             raise ValueError(f"sequence of length {start_pos + T} exceeds max_positions={self.max_positions}")
         if self.pos_embed is None:
-            pos = self.pos_table[start_pos:start_pos + T]  # (T, D)
+            pos = self.pos_table[start_pos : start_pos + T]  # (T, D)
         else:
-            pos = self.pos_embed.weight[start_pos:start_pos + T]
+            pos = self.pos_embed.weight[start_pos : start_pos + T]
         return self.dropout(self.embed(tokens) * self.embed_scale + pos)  # (B, T, D)
 
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:

@@ -3,6 +3,7 @@ warmup: inverse square root (fairseq, JoeyNMT), linear or cosine decay to ``end_
 ``max_updates`` (fairseq's polynomial_decay with power 1, and a half cosine), and
 warmup-stable-decay (Hägele et al. 2024, arXiv:2405.18392), whose total number of updates may
 be fixed after training has started (:func:`plan_total_updates` turns a time budget into one)."""
+
 from __future__ import annotations
 
 import math
@@ -115,7 +116,9 @@ class WarmupStableDecay(torch.optim.lr_scheduler.LRScheduler):
         if stable_phase not in STABLE_PHASES:
             raise ValueError(f"train.stable_phase must be one of {', '.join(STABLE_PHASES)}, got {stable_phase!r}")
         if cooldown_shape not in COOLDOWN_SHAPES:
-            raise ValueError(f"train.cooldown_shape must be one of {', '.join(COOLDOWN_SHAPES)}, got {cooldown_shape!r}")
+            raise ValueError(
+                f"train.cooldown_shape must be one of {', '.join(COOLDOWN_SHAPES)}, got {cooldown_shape!r}"
+            )
         if not 0.0 <= cooldown_fraction <= 1.0:
             raise ValueError(f"train.cooldown_fraction must be in [0, 1], got {cooldown_fraction}")
         peak = optimizer.param_groups[0]["lr"]
@@ -133,17 +136,28 @@ class WarmupStableDecay(torch.optim.lr_scheduler.LRScheduler):
         cooldown = round(self.cooldown_fraction * total_updates)
         start = total_updates - cooldown
         if total_updates and start < self.warmup_steps:
-            raise ValueError(f"train.cooldown_fraction={self.cooldown_fraction} of {total_updates} updates starts the "
-                             f"cooldown at update {start}, inside train.warmup_steps={self.warmup_steps}")
+            raise ValueError(
+                f"train.cooldown_fraction={self.cooldown_fraction} of {total_updates} updates starts the "
+                f"cooldown at update {start}, inside train.warmup_steps={self.warmup_steps}"
+            )
         if total_updates and start < updates_done:
-            raise ValueError(f"a total of {total_updates} updates starts the cooldown at update {start}, "
-                             f"but {updates_done} updates are done already")
+            raise ValueError(
+                f"a total of {total_updates} updates starts the cooldown at update {start}, "
+                f"but {updates_done} updates are done already"
+            )
         return total_updates, cooldown
 
     def factor(self, step: int) -> float:
         """Multiplier of the peak lr at update ``step`` (0-based)."""
-        return wsd_factor(step, self.warmup_steps, self.total_updates, self.cooldown_updates, self.end_ratio,
-                          self.stable_phase, self.cooldown_shape)
+        return wsd_factor(
+            step,
+            self.warmup_steps,
+            self.total_updates,
+            self.cooldown_updates,
+            self.end_ratio,
+            self.stable_phase,
+            self.cooldown_shape,
+        )
 
     def get_lr(self) -> list[float]:
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]
@@ -189,8 +203,9 @@ def plan_total_updates(
     if window_updates <= 0 or window_s <= 0:
         raise ValueError(f"the measurement window needs updates and seconds > 0, got {window_updates}, {window_s}")
     if min(budget_minutes, elapsed_s, updates_done, reserve_s, validate_every_updates, validation_s) < 0:
-        raise ValueError("budget_minutes, elapsed_s, updates_done, reserve_s, validate_every_updates and "
-                         "validation_s must be >= 0")
+        raise ValueError(
+            "budget_minutes, elapsed_s, updates_done, reserve_s, validate_every_updates and validation_s must be >= 0"
+        )
     per_update = window_s / window_updates
     left = 60.0 * budget_minutes - elapsed_s - reserve_s
 
@@ -214,7 +229,9 @@ def check_schedule(name: str, max_updates: int, lr: float, end_lr: float) -> Non
     if name not in SCHEDULES:
         raise ValueError(f"train.lr_scheduler must be one of {', '.join(SCHEDULES)}, got {name!r}")
     if name in ("linear", "cosine") and max_updates <= 0:
-        raise ValueError(f"train.lr_scheduler={name} decays to train.end_lr at train.max_updates; set train.max_updates > 0")
+        raise ValueError(
+            f"train.lr_scheduler={name} decays to train.end_lr at train.max_updates; set train.max_updates > 0"
+        )
     if not 0.0 <= end_lr <= lr:
         raise ValueError(f"train.end_lr must be in [0, train.lr={lr}], got {end_lr}")
 
@@ -235,10 +252,12 @@ def build_scheduler(
     peak = optimizer.param_groups[0]["lr"]
     check_schedule(name, max_updates, peak, end_lr)
     if name == "wsd":
-        return WarmupStableDecay(optimizer, warmup_steps, max_updates, cooldown_fraction, end_lr, stable_phase,
-                                 cooldown_shape)
+        return WarmupStableDecay(
+            optimizer, warmup_steps, max_updates, cooldown_fraction, end_lr, stable_phase, cooldown_shape
+        )
     if name == "inverse_sqrt":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: inverse_sqrt_factor(step, warmup_steps))
     ratio = end_lr / peak if peak > 0 else 0.0
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: decay_factor(step, warmup_steps, max_updates, ratio, name))
+        optimizer, lambda step: decay_factor(step, warmup_steps, max_updates, ratio, name)
+    )

@@ -98,6 +98,9 @@ class Run:
     progress: Progress
     writer: object | None = None
     timing: Timing = field(default_factory=Timing)
+    window: list[dict] = field(default_factory=list)  # update results since the last train line
+    window_start: float = 0.0
+    bad_updates: int = 0  # non-finite updates in a row
 
     @property
     def out_dir(self) -> Path:
@@ -211,6 +214,32 @@ class DecoderFeatures(nn.Module):
         return self.model.decoder_features(src, tgt_in)
 
 
+def valid_data(cfg: RunConfig, tok: Tokenizer, world: World, valid: MmapPairs):
+    """(valid batches for the loss, source and reference strings for greedy BLEU)."""
+    lens = (valid.src_lens, valid.tgt_lens)
+    idx = batch_by_tokens(*lens, cfg.train.max_tokens, shuffle=False)
+    batches = [valid.batch(i, tok.pad_id, tok.bos_id, tok.eos_id) for i in idx]
+    n_bleu = cfg.data.valid_bleu_sentences or None
+    pairs = world.broadcast(load_splits(cfg.data, ("valid",))["valid"][:n_bleu] if world.is_main else None)
+    return batches, [s for s, _ in pairs], [r for _, r in pairs]
+
+
+def restore(ckpt: dict | None, run: Run) -> None:
+    """Resume from ``ckpt``: states, progress, the log cut at its update; else a fresh log."""
+    world, log_path = run.world, run.log_path
+    if ckpt is None:
+        if world.is_main and log_path.exists():
+            log_path.unlink()
+        return
+    checkpoint.restore_training(ckpt, run.model, run.optimizer, run.scheduler, world.rank, world.world_size)
+    run.progress = Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress) if f.name in ckpt})
+    run.timing.resumed = True
+    if world.is_main:
+        truncate_log(log_path, run.progress.update)
+        p = run.progress
+        log.info("resumed at update %d (epoch %d, batch %d)", p.update, p.epoch, p.batch_index)
+
+
 def setup(cfg: RunConfig, resume: bool) -> Run:
     """Process group, data, tokenizer, model, criterion, optimizer and schedule; with
     ``resume``, their states and the progress from ``out_dir/checkpoint_last.pt``."""
@@ -229,47 +258,15 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
 
     tok = load_tokenizer(cfg, world, ckpt)
     data = open_data(cfg, tok, world)
-    train_data, valid = data["train"], data["valid"]
-    valid_batches = [
-        valid.batch(idx, tok.pad_id, tok.bos_id, tok.eos_id)
-        for idx in batch_by_tokens(valid.src_lens, valid.tgt_lens, t.max_tokens, shuffle=False)
-    ]
-    n_bleu = cfg.data.valid_bleu_sentences
-    bleu_pairs = world.broadcast(
-        load_splits(cfg.data, ("valid",))["valid"][: n_bleu or None] if world.is_main else None
-    )
-    bleu_src, bleu_ref = [s for s, _ in bleu_pairs], [r for _, r in bleu_pairs]
-
+    valid_batches, bleu_src, bleu_ref = valid_data(cfg, tok, world, data["valid"])
     model = build_model(tok.vocab_size, tok.pad_id, **dataclasses.asdict(cfg.model)).to(world.device)
     criterion = build_criterion(**criterion_kwargs(cfg, tok.pad_id))
     optimizer = build_optimizer(model, t.lr, t.betas, t.adam_eps, t.weight_decay)
-    scheduler = build_scheduler(
-        optimizer,
-        t.warmup_steps,
-        t.lr_scheduler,
-        t.max_updates,
-        t.end_lr,
-        t.cooldown_fraction,
-        t.cooldown_shape,
-        t.stable_phase,
-    )
-    progress = Progress()
-    if ckpt is not None:
-        checkpoint.restore_training(ckpt, model, optimizer, scheduler, world.rank, world.world_size)
-        progress = Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress) if f.name in ckpt})
-        if world.is_main:
-            truncate_log(out_dir / "train_log.jsonl", progress.update)
-            log.info(
-                "resumed from %s at update %d (epoch %d, batch %d)",
-                last_path,
-                progress.update,
-                progress.epoch,
-                progress.batch_index,
-            )
-    elif world.is_main and (out_dir / "train_log.jsonl").exists():
-        (out_dir / "train_log.jsonl").unlink()
+    wsd = (t.cooldown_fraction, t.cooldown_shape, t.stable_phase)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, t.lr_scheduler, t.max_updates, t.end_lr, *wsd)
     # The chunked path takes decoder features, not logits; DDP must wrap what runs forward.
     forward_model = world.wrap(DecoderFeatures(model) if cfg.criterion.implementation == "chunked" else model)
+    writer = tensorboard_writer(out_dir) if world.is_main else None
     run = Run(
         cfg,
         world,
@@ -279,21 +276,21 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
         criterion,
         optimizer,
         scheduler,
-        train_data,
+        data["train"],
         valid_batches,
         bleu_src,
         bleu_ref,
-        progress,
-        tensorboard_writer(out_dir) if world.is_main else None,
-        Timing(resumed=ckpt is not None),
+        Progress(),
+        writer,
     )
+    restore(ckpt, run)
     if world.is_main:
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = sum(q.numel() for q in model.parameters()) / 1e6
         log.info(
             "model: %.2fM parameters; %d train pairs, %d valid; %d worker(s) on %s",
-            n_params / 1e6,
-            len(train_data),
-            len(valid),
+            n_params,
+            len(data["train"]),
+            len(data["valid"]),
             world.world_size,
             world.device,
         )
@@ -611,6 +608,58 @@ def skip_bad_update(run: Run, bad_updates: int) -> None:
         )
 
 
+def after_update(run: Run, result: dict, n_batches: int) -> dict | None:
+    """Log, validate, plan and save as the recipe says, after update ``run.progress.update``;
+    returns the train record if one was written."""
+    t, p = run.cfg.train, run.progress
+    record = None
+    run.window.append(result)
+    if run.world.is_main and (p.update % t.log_every_updates == 0 or p.batch_index >= n_batches):
+        record = log_train(run, run.window, time.time() - run.window_start, p.batch_index / n_batches)
+        run.window, run.window_start = [], time.time()
+    if t.validate_every_updates and p.update % t.validate_every_updates == 0:
+        validate_and_save(run)
+        plan_updates(run, n_batches // t.update_freq)
+    elif t.save_every_updates and p.update % t.save_every_updates == 0:
+        save(run, "checkpoint_last.pt")
+    return record
+
+
+def train_epoch(run: Run, batches: list, clock: float) -> str | None:
+    """Train on this worker's ``batches`` from ``progress.batch_index`` on, until the epoch
+    ends or :func:`stop_reason` says stop (returned)."""
+    t, p, tok = run.cfg.train, run.progress, run.tok
+    bar = tqdm(
+        total=math.ceil(len(batches) / t.update_freq),
+        initial=p.batch_index // t.update_freq,
+        desc=f"epoch {p.epoch + 1}",
+        disable=not run.world.is_main,
+        mininterval=2.0,
+        unit="upd",
+    )
+    reason = None
+    while p.batch_index < len(batches) and (reason := stop_reason(run)) is None:
+        group = batches[p.batch_index : p.batch_index + t.update_freq]
+        step_start = time.time()
+        result = train_step(run, [run.train_data.batch(idx, tok.pad_id, tok.bos_id, tok.eos_id) for idx in group])
+        p.batch_index += len(group)
+        p.elapsed = time.time() - clock
+        if p.update >= t.warmup_steps:
+            run.timing.updates += 1
+            run.timing.update_s += time.time() - step_start
+        bar.update(1)
+        run.bad_updates = 0 if result else run.bad_updates + 1
+        if result is None:
+            skip_bad_update(run, run.bad_updates)
+            continue
+        p.update += 1
+        record = after_update(run, result, len(batches))
+        if record:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['ppl']:.2f}", lr=f"{record['lr']:.1e}")
+    bar.close()
+    return reason
+
+
 def train(cfg: RunConfig, resume: bool = False) -> dict:
     """Train as ``cfg`` says; returns a summary (updates, best metric, paths, minutes).
 
@@ -621,64 +670,28 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     check_config(cfg)  # before any data work
     run = setup(cfg, resume)
     t, p = cfg.train, run.progress
-    clock = time.time() - p.elapsed
-    window, window_start, bad_updates = [], time.time(), 0
+    clock, run.window_start = time.time() - p.elapsed, time.time()
     run.model.train()
     while (reason := stop_reason(run)) is None:
         lens = (run.train_data.src_lens, run.train_data.tgt_lens)
         batches = run.world.shard(batch_by_tokens(*lens, t.max_tokens, seed=t.seed, epoch=p.epoch, shuffle=True))
-        bar = tqdm(
-            total=math.ceil(len(batches) / t.update_freq),
-            initial=p.batch_index // t.update_freq,
-            desc=f"epoch {p.epoch + 1}",
-            disable=not run.world.is_main,
-            mininterval=2.0,
-            unit="upd",
-        )
-        while p.batch_index < len(batches) and (reason := stop_reason(run)) is None:
-            group = batches[p.batch_index : p.batch_index + t.update_freq]
-            step_start = time.time()
-            tok = run.tok
-            result = train_step(run, [run.train_data.batch(idx, tok.pad_id, tok.bos_id, tok.eos_id) for idx in group])
-            p.batch_index += len(group)
-            p.elapsed = time.time() - clock
-            if p.update >= t.warmup_steps:
-                run.timing.updates, run.timing.update_s = (
-                    run.timing.updates + 1,
-                    run.timing.update_s + time.time() - step_start,
-                )
-            bar.update(1)
-            bad_updates = 0 if result else bad_updates + 1
-            if result is None:
-                skip_bad_update(run, bad_updates)
-                continue
-            p.update += 1
-            window.append(result)
-            if run.world.is_main and (p.update % t.log_every_updates == 0 or p.batch_index >= len(batches)):
-                record = log_train(run, window, time.time() - window_start, p.batch_index / len(batches))
-                bar.set_postfix(
-                    loss=f"{record['loss']:.3f}",
-                    ppl=f"{record['ppl']:.2f}",
-                    lr=f"{record['lr']:.1e}",
-                    tok_s=f"{record['wps']:.0f}",
-                )
-                window, window_start = [], time.time()
-            if t.validate_every_updates and p.update % t.validate_every_updates == 0:
-                validate_and_save(run)
-                plan_updates(run, len(batches) // t.update_freq)
-            elif t.save_every_updates and p.update % t.save_every_updates == 0:
-                save(run, "checkpoint_last.pt")
-        bar.close()
+        reason = train_epoch(run, batches, clock)
         if p.batch_index >= len(batches):  # the epoch is over, whatever its last update did
             p.epoch, p.batch_index = p.epoch + 1, 0
             if p.validated_at != p.update:
                 validate_and_save(run)
             plan_updates(run, len(batches) // t.update_freq)
+        elif reason is not None:
+            break
     if p.validated_at != p.update:
         validate_and_save(run)
     if run.writer:
         run.writer.close()
-    out = run.out_dir
+    return summarize(run, reason)
+
+
+def summarize(run: Run, reason: str) -> dict:
+    t, p, out = run.cfg.train, run.progress, run.out_dir
     summary = {
         "updates": p.update,
         "planned_updates": p.planned_updates,

@@ -51,6 +51,16 @@ class LossOutput:
     ntokens: int
 
 
+def check_smoothing(label_smoothing: float, smoothing: str, names=("label_smoothing", "smoothing")) -> str:
+    """``smoothing`` if it and the mass ``label_smoothing`` are valid, else a ValueError that
+    calls them by ``names`` (e.g. the command line's ``--label-smoothing``)."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"{names[0]} must be in [0, 1), got {label_smoothing}")
+    if smoothing not in SMOOTHINGS:
+        raise ValueError(f"{names[1]} must be one of {SMOOTHINGS}, got {smoothing!r}")
+    return smoothing
+
+
 def _bottle(x: Tensor) -> Tensor:
     """(..., V) -> (N, V), with N the product of the leading dims."""
     return x.reshape(-1, x.size(-1))

@@ -25,6 +25,7 @@ of q is ever built.
 Half-precision inputs are upcast one chunk at a time (the chunked path also upcasts the
 weight once); all softmax arithmetic is float32 (float64 for float64 inputs).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -217,8 +218,7 @@ class _LinearRowStats(torch.autograd.Function):
     single (C, V) buffer."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, tgt: Tensor, pad: int | None,
-                rows: int):
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, tgt: Tensor, pad: int | None, rows: int):
         n, k = hidden.size(0), weight.size(0)
         cdt = _compute_dtype(hidden.dtype)
         w, b = weight.to(cdt), bias.to(cdt) if bias is not None else None
@@ -375,9 +375,7 @@ def chunked_linear_cross_entropy(
             f"{tuple(hidden.shape[:-1])}, got {tuple(target.shape)}"
         )
     if weight.dim() != 2 or weight.size(1) != hidden.size(-1):
-        raise ValueError(
-            f"weight must have shape (V, {hidden.size(-1)}), got {tuple(weight.shape)}"
-        )
+        raise ValueError(f"weight must have shape (V, {hidden.size(-1)}), got {tuple(weight.shape)}")
     k = weight.size(0)
     tgt, keep, pad = _prepare(target, k, epsilon, ignore_index, smoothing, reduction)
     rows = _rows_per_chunk(chunk_size, tgt.numel(), k, LINEAR_CHUNK_BYTES)

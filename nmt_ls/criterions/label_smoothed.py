@@ -13,7 +13,7 @@ import math
 from torch import Tensor, nn
 
 from nmt_ls.criterions import register_criterion
-from nmt_ls.criterions.functional import SMOOTHINGS, LossOutput, label_smoothed_cross_entropy
+from nmt_ls.criterions.functional import LossOutput, check_smoothing, label_smoothed_cross_entropy
 from nmt_ls.criterions.fused import chunked_linear_cross_entropy, fused_label_smoothed_cross_entropy
 
 
@@ -29,7 +29,8 @@ class LabelSmoothedCrossEntropyCriterion(nn.Module):
     Args:
         pad_id (int): target id ignored everywhere (the tokenizer's pad id).
         label_smoothing (float): epsilon in [0, 1). Default: 0.0
-        smoothing (str): ``others`` (fairseq, default), ``uniform`` or ``others_no_pad``.
+        smoothing (str): ``others`` (fairseq), ``uniform`` or ``others_no_pad``. Default: the
+            class's ``default_smoothing``, ``others`` here
         ignore_prefix_size (int): leading target positions left out (e.g. language tags).
         report_accuracy (bool): add ``n_correct``/``total`` to the logging output.
         sentence_avg (bool): normalise by sentences instead of target tokens.
@@ -37,24 +38,22 @@ class LabelSmoothedCrossEntropyCriterion(nn.Module):
             gradients, one logits-sized buffer instead of about three).
     """
 
+    default_smoothing = "others"
+
     def __init__(
         self,
         pad_id: int,
         label_smoothing: float = 0.0,
-        smoothing: str = "others",
+        smoothing: str | None = None,
         ignore_prefix_size: int = 0,
         report_accuracy: bool = False,
         sentence_avg: bool = False,
         fused: bool = False,
     ):
         super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if smoothing not in SMOOTHINGS:
-            raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
+        self.smoothing = check_smoothing(label_smoothing, smoothing or self.default_smoothing)
         self.pad_id = pad_id
         self.eps = label_smoothing
-        self.smoothing = smoothing
         self.ignore_prefix_size = ignore_prefix_size
         self.report_accuracy = report_accuracy
         self.sentence_avg = sentence_avg
@@ -129,17 +128,7 @@ class LabelSmoothedKLCriterion(LabelSmoothedCrossEntropyCriterion):
     q exactly. Defaults to OpenNMT-py/JoeyNMT smoothing (``others_no_pad``).
     """
 
-    def __init__(
-        self,
-        pad_id: int,
-        label_smoothing: float = 0.0,
-        smoothing: str = "others_no_pad",
-        ignore_prefix_size: int = 0,
-        report_accuracy: bool = False,
-        sentence_avg: bool = False,
-        fused: bool = False,
-    ):
-        super().__init__(pad_id, label_smoothing, smoothing, ignore_prefix_size, report_accuracy, sentence_avg, fused)
+    default_smoothing = "others_no_pad"
 
     def training_loss(self, out: LossOutput) -> Tensor:
         return out.kl

@@ -27,7 +27,7 @@ from fairseq.logging import metrics
 from omegaconf import II
 from torch import Tensor
 
-from nmt_ls.criterions.functional import SMOOTHINGS, LossOutput, label_smoothed_cross_entropy
+from nmt_ls.criterions.functional import SMOOTHINGS, LossOutput, check_smoothing, label_smoothed_cross_entropy
 from nmt_ls.criterions.fused import fused_label_smoothed_cross_entropy
 
 SMOOTHING_CHOICES = ChoiceEnum(list(SMOOTHINGS))
@@ -89,10 +89,7 @@ class NmtLsLabelSmoothedCriterion(FairseqCriterion):
         super().__init__(task)
         # fairseq hands over a ChoiceEnum member (its config's default when not on the command line)
         smoothing = self.default_smoothing if smoothing is None else str(smoothing)
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"--label-smoothing must be in [0, 1), got {label_smoothing}")
-        if smoothing not in SMOOTHINGS:
-            raise ValueError(f"--smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
+        check_smoothing(label_smoothing, smoothing, names=("--label-smoothing", "--smoothing"))
         if ignore_prefix_size < 0:
             raise ValueError(f"--ignore-prefix-size must be >= 0, got {ignore_prefix_size}")
         self.sentence_avg = sentence_avg

@@ -1,13 +1,14 @@
 """The fused criterion and the chunked output layer against the reference criterion."""
+
 import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_criterion import dense_q, random_batch
 
 from nmt_ls.criterions.functional import REDUCTIONS, SMOOTHINGS, label_smoothed_cross_entropy
 from nmt_ls.criterions.fused import chunked_linear_cross_entropy, fused_label_smoothed_cross_entropy
-from test_criterion import dense_q, random_batch
 
 PAD = 1
 FIELDS = ("loss", "kl", "nll")
@@ -28,6 +29,7 @@ def assert_all_close(got, want, atol, rtol=1e-5):
 
 
 # ---- fused: values and gradients equal the reference ------------------------------------------
+
 
 @pytest.mark.parametrize("smoothing", SMOOTHINGS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -179,6 +181,7 @@ def test_fused_half_precision(dtype):
 
 # ---- fused: gradient accuracy against the exact gradient -----------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_gold_gradient_of_a_confident_row(dtype):
     """V = 8000, the gold logit 15.8125 and the others 0: p_gold = 0.998915, and with eps = 0
@@ -258,6 +261,7 @@ def test_fused_gradient_at_least_as_accurate_as_reference(dtype, smoothing, eps)
 
 # ---- chunked output layer: equals projection + reference ---------------------------------------
 
+
 def linear_batch(seed, dtype=torch.float64, bias=True):
     logits, target = random_batch(seed)
     g = torch.Generator().manual_seed(seed)
@@ -289,9 +293,9 @@ def test_chunked_linear_gradcheck_float64():
     hidden, weight, bias, target = linear_batch(31)
     hidden, weight, bias = hidden[:1, :3].detach().requires_grad_(), weight, bias
     for smoothing in SMOOTHINGS:
-        fn = lambda h, w, b: chunked_linear_cross_entropy(
-            h, w, target[:1, :3], 0.3, PAD, smoothing, "none", bias=b, chunk_size=2
-        ).loss
+        fn = lambda h, w, b: (
+            chunked_linear_cross_entropy(h, w, target[:1, :3], 0.3, PAD, smoothing, "none", bias=b, chunk_size=2).loss
+        )
         assert torch.autograd.gradcheck(fn, (hidden, weight, bias), fast_mode=True)
 
 
@@ -311,9 +315,7 @@ def test_chunked_linear_all_padding_and_frozen_weight():
 def test_chunked_linear_bfloat16():
     hidden, weight, _, target = linear_batch(33, torch.float32)
     h16, w16 = (t.detach().bfloat16().requires_grad_() for t in (hidden, weight))
-    got, _ = outputs_and_grads(
-        lambda h, w: chunked_linear_cross_entropy(h, w, target, 0.1, PAD), [h16, w16]
-    )
+    got, _ = outputs_and_grads(lambda h, w: chunked_linear_cross_entropy(h, w, target, 0.1, PAD), [h16, w16])
     h32, w32 = (t.detach().float().requires_grad_() for t in (h16, w16))
     want, _ = outputs_and_grads(lambda h, w: unfused(h, w, None, target, 0.1, PAD), [h32, w32])
     assert got[-1].dtype == torch.bfloat16 and got[-2].dtype == torch.bfloat16

@@ -1,4 +1,5 @@
 """Learning-rate schedules: values from their closed forms, and clear errors."""
+
 import math
 
 import pytest
@@ -61,6 +62,7 @@ def test_schedule_errors_name_the_recipe_key():
 
 
 # ---- warmup-stable-decay ---------------------------------------------------------------------
+
 
 def wsd_lrs(steps, total=20, set_total_at=None, **kwargs):
     """The lr of each of ``steps`` updates; the total is given at construction, or fixed by
@@ -170,6 +172,7 @@ def test_wsd_needs_no_max_updates():
 
 
 # ---- planning the total from a measured rate -------------------------------------------------
+
 
 def test_plan_total_updates_without_validations():
     # 600 s budget - 100 s spent - 60 s reserve = 440 s at 25 s / 50 updates: 880 more updates

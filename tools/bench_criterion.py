@@ -39,6 +39,7 @@ defaults and ``--thp`` compares the arithmetic alone. On a shared machine, ``--r
 runs every case R times, interleaved, and reports the median of the R medians (memory: the
 largest of the R peaks); the load average is printed with the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,7 +105,7 @@ def make_inputs(case: str, args, device) -> dict:
     if case in LINEAR_CASES:
         hidden = torch.empty(args.tokens, args.dim, device=device, dtype=dtype).normal_(generator=g)
         weight = torch.empty(args.vocab, args.dim, device=device, dtype=dtype)
-        weight.normal_(0, 2 * args.dim ** -0.5, generator=g)
+        weight.normal_(0, 2 * args.dim**-0.5, generator=g)
         return {"tgt": tgt, "hidden": hidden.requires_grad_(), "weight": weight.requires_grad_()}
     logits = torch.empty(args.tokens, args.vocab, device=device, dtype=dtype).normal_(0, 2, generator=g)
     return {"tgt": tgt, "logits": logits.requires_grad_()}
@@ -185,8 +186,20 @@ def worker(args) -> dict:
 
 def run_case(case: str, vocab: int, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--case", case, "--vocab", str(vocab)]
-    names = ("tokens", "dim", "dtype", "threads", "eps", "pad", "pad_frac", "smoothing", "repeat",
-             "warmup", "device", "fused_chunk")
+    names = (
+        "tokens",
+        "dim",
+        "dtype",
+        "threads",
+        "eps",
+        "pad",
+        "pad_frac",
+        "smoothing",
+        "repeat",
+        "warmup",
+        "device",
+        "fused_chunk",
+    )
     for name in names:
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1") if args.thp else None
@@ -210,8 +223,11 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--fused-chunk", type=int, default=0, help="rows per chunk of case e (0: its default)")
     p.add_argument("--cases", default=",".join(LOGIT_CASES + LINEAR_CASES))
-    p.add_argument("--thp", action="store_true",
-                   help="THP_MEM_ALLOC_ENABLE=1 in the workers: PyTorch asks for transparent huge pages")
+    p.add_argument(
+        "--thp",
+        action="store_true",
+        help="THP_MEM_ALLOC_ENABLE=1 in the workers: PyTorch asks for transparent huge pages",
+    )
     p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of all cases")
     p.add_argument("--sweep", action="store_true", help="V in 8000, 16000, 32000, 64000")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -224,11 +240,15 @@ def main(argv=None) -> None:
     cases = args.cases.split(",")
     vocabs = (8000, 16000, 32000, 64000) if args.sweep else (args.vocab,)
     elem = torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()
-    print(f"N={args.tokens} D={args.dim} {args.dtype} threads={args.threads} device={args.device} "
-          f"eps={args.eps} pad_frac={args.pad_frac} smoothing(d,e,f)={args.smoothing} "
-          f"thp={args.thp} repeat={args.repeat} rounds={args.rounds} (median); load average {os.getloadavg()[0]:.1f}")
-    head = (f"{'V':>6} {'case':>7} {'time s':>8} {'x base':>7} {'peak MB':>8} {'x logits':>8} "
-            f"{'grads MB':>8} {'beyond grads':>12}")
+    print(
+        f"N={args.tokens} D={args.dim} {args.dtype} threads={args.threads} device={args.device} "
+        f"eps={args.eps} pad_frac={args.pad_frac} smoothing(d,e,f)={args.smoothing} "
+        f"thp={args.thp} repeat={args.repeat} rounds={args.rounds} (median); load average {os.getloadavg()[0]:.1f}"
+    )
+    head = (
+        f"{'V':>6} {'case':>7} {'time s':>8} {'x base':>7} {'peak MB':>8} {'x logits':>8} "
+        f"{'grads MB':>8} {'beyond grads':>12}"
+    )
     print(head)
     print("-" * len(head))
     for vocab in vocabs:
@@ -249,10 +269,16 @@ def main(argv=None) -> None:
             base = res.get(BASELINE.get(case, case))
             ratio = f"{r['time'] / base['time']:7.2f}" if base else f"{'-':>7}"
             peak, grads = r["peak"] / 2**20, r["grads"] / 2**20
-            print(f"{vocab:>6} {case:>7} {r['time']:8.3f} {ratio} {peak:8.0f} {peak / logits_mb:8.2f} "
-                  f"{grads:8.0f} {(peak - grads) / logits_mb:11.3f}x", flush=True)
-        print(f"{'':>6} logits (N, V) = {logits_mb:.0f} MB; 'x base' is vs a (vs a+proj for f); "
-              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+            print(
+                f"{vocab:>6} {case:>7} {r['time']:8.3f} {ratio} {peak:8.0f} {peak / logits_mb:8.2f} "
+                f"{grads:8.0f} {(peak - grads) / logits_mb:11.3f}x",
+                flush=True,
+            )
+        print(
+            f"{'':>6} logits (N, V) = {logits_mb:.0f} MB; 'x base' is vs a (vs a+proj for f); "
+            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

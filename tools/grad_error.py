@@ -18,6 +18,7 @@ The logits look like a trained model's: N(0, 2^2), the gold one raised so that p
 sigmoid(t) with t uniform in [--t-min, --t-max] (default [-2, 12]: p_gold from 0.12 to
 0.999994); a fraction --pad-frac of the rows are padding.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -110,8 +111,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     logits, target = make_batch(args)
-    print(f"N={args.rows} V={args.vocab} eps={args.eps} smoothing={args.smoothing} pad_frac={args.pad_frac} "
-          f"t in [{args.t_min}, {args.t_max}] seed={args.seed}; gradient of the summed loss")
+    print(
+        f"N={args.rows} V={args.vocab} eps={args.eps} smoothing={args.smoothing} pad_frac={args.pad_frac} "
+        f"t in [{args.t_min}, {args.t_max}] seed={args.seed}; gradient of the summed loss"
+    )
     results = {name: dtype_errors(name, logits, target, args) for name in args.dtypes.split(",")}
     cols = ("fused", "reference", "exact, rounded")
     for j, measure in enumerate(("batch", "per row")):

@@ -315,8 +315,11 @@ class _LinearRowStats(torch.autograd.Function):
                 grad_w.addmm_(g.t(), h)
             if need_b:
                 grad_b += g.sum(0)
-        cast = lambda g, like: g.to(like.dtype) if g is not None else None
-        return cast(grad_h, hidden), cast(grad_w, weight), cast(grad_b, bias), None, None, None
+        return _cast(grad_h, hidden), _cast(grad_w, weight), _cast(grad_b, bias), None, None, None
+
+
+def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
+    return grad.to(like.dtype) if grad is not None else None
 
 
 def _linear(h: Tensor, w: Tensor, b: Tensor | None, chunk: Tensor) -> Tensor:

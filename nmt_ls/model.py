@@ -47,15 +47,22 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(B, T, H * Dh)  # (B, T, D)
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with a fused QKV projection and an optional K/V cache."""
+class _MultiHead(nn.Module):
+    """What both attentions share: ``n_heads`` heads splitting ``d_model``, attention dropout."""
 
-    def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0):
+    def __init__(self, d_model: int, n_heads: int, attn_dropout: float):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         self.n_heads = n_heads
         self.attn_dropout = attn_dropout
+
+
+class SelfAttention(_MultiHead):
+    """Multi-head self-attention with a fused QKV projection and an optional K/V cache."""
+
+    def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0):
+        super().__init__(d_model, n_heads, attn_dropout)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
@@ -92,15 +99,11 @@ class SelfAttention(nn.Module):
         return self.out(_merge_heads(out))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_MultiHead):
     """Multi-head attention from decoder states to encoder memory; K/V can be cached."""
 
     def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0):
-        super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
-        self.n_heads = n_heads
-        self.attn_dropout = attn_dropout
+        super().__init__(d_model, n_heads, attn_dropout)
         self.q = nn.Linear(d_model, d_model)
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.out = nn.Linear(d_model, d_model)

@@ -20,6 +20,18 @@ from nmt_ls import checkpoint
 from conftest import ROOT
 from conftest import overrides as smoke_overrides
 
+# Two gloo workers training with nmt_ls; the recipe and its overrides follow.
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node=2",
+    "-m",
+    "nmt_ls",
+    "train",
+]
+
 
 def overrides(out_dir: Path, *extra: str) -> list[str]:
     return smoke_overrides(
@@ -48,14 +60,7 @@ def test_two_workers_equal_one_worker_with_accumulation(tmp_path):
         shutil.copy(one / name, two / name)
     run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "nmt_ls",
-            "train",
+            *TORCHRUN,
             recipe,
             *overrides(two),
         ]
@@ -81,17 +86,7 @@ def test_two_workers_equal_one_worker_with_accumulation(tmp_path):
 def test_two_worker_resume_with_dropout_is_exact(tmp_path):
     """Every worker's RNG states are saved and restored: dropout masks after a resume are
     those of the uninterrupted run (before, every rank restored rank 0's)."""
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "nmt_ls",
-        "train",
-        str(ROOT / "recipes" / "smoke.yaml"),
-    ]
+    torchrun = [*TORCHRUN, str(ROOT / "recipes" / "smoke.yaml")]
     full, cut = tmp_path / "full", tmp_path / "cut"
     dropout = ("model.dropout=0.3", "train.save_every_updates=2")
     run([*torchrun, *overrides(full, *dropout)])

@@ -20,7 +20,7 @@ from nmt_ls.checkpoint import CheckpointError
 from nmt_ls.config import load_recipe
 from nmt_ls.train import train
 
-from conftest import ROOT, SMOKE_RECIPE, overrides
+from conftest import NAN_PLUGIN, ROOT, SMOKE_RECIPE, overrides
 
 RECIPE = SMOKE_RECIPE
 
@@ -114,23 +114,6 @@ def test_malicious_pickle_is_not_executed(tmp_path):
         with pytest.raises(CheckpointError, match="not a readable checkpoint"):
             checkpoint.load(path)
     assert not marker.exists()
-
-
-NAN_PLUGIN = """
-import torch
-from nmt_ls.criterions import register_criterion
-from nmt_ls.criterions.label_smoothed import LabelSmoothedCrossEntropyCriterion
-
-@register_criterion("{name}")
-class NaNAt(LabelSmoothedCrossEntropyCriterion):
-    calls = 0
-    def compute(self, logits, target, reduction="sum"):
-        out = super().compute(logits, target, reduction)
-        NaNAt.calls += 1
-        if NaNAt.calls in {bad}:
-            out.loss = out.loss * float("nan")
-        return out
-"""
 
 
 def write_plugin(tmp_path, monkeypatch, module, name, bad):

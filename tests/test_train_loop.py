@@ -19,7 +19,7 @@ from nmt_ls.model import build_model
 from nmt_ls.optim import build_optimizer, build_scheduler
 from nmt_ls.train import train
 
-from conftest import ROOT, SMOKE_RECIPE, overrides
+from conftest import NAN_PLUGIN, ROOT, SMOKE_RECIPE, overrides
 
 # Few, large batches: an epoch of the fixture is a handful of updates.
 FAST = ("train.max_tokens=12000", "train.log_every_updates=1", "model.dropout=0.0")
@@ -45,27 +45,10 @@ def read_log(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "train_log.jsonl").read_text().splitlines()]
 
 
-NAN_AT = """
-from nmt_ls.criterions import register_criterion
-from nmt_ls.criterions.label_smoothed import LabelSmoothedCrossEntropyCriterion
-
-@register_criterion("{name}")
-class NaNAt(LabelSmoothedCrossEntropyCriterion):
-    calls = 0
-    def compute(self, logits, target, reduction="sum"):
-        out = super().compute(logits, target, reduction)
-        if logits.requires_grad:  # training, not validation
-            NaNAt.calls += 1
-            if NaNAt.calls == {bad}:
-                out.loss = out.loss * float("nan")
-        return out
-"""
-
-
 def test_nan_at_the_last_update_of_an_epoch_still_ends_the_epoch(tmp_path, monkeypatch):
     one_epoch = train(load_recipe(SMOKE_RECIPE, overrides(tmp_path / "probe", *FAST, "train.max_updates=0")))
     per_epoch = one_epoch["updates"]
-    (tmp_path / "nan_last.py").write_text(NAN_AT.format(name="nan_last", bad=per_epoch))
+    (tmp_path / "nan_last.py").write_text(NAN_PLUGIN.format(name="nan_last", bad=f"{{{per_epoch}}}"))
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = load_recipe(
         SMOKE_RECIPE,

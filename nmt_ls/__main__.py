@@ -45,9 +45,10 @@ def cmd_train(args) -> dict:
     from nmt_ls.config import load_recipe
     from nmt_ls.train import train
 
+    started = time.time()
     cfg = load_recipe(args.recipe, args.overrides)
     _setup_logging(Path(cfg.out_dir))
-    return train(cfg, resume=args.resume)
+    return train(cfg, resume=args.resume, started=started)
 
 
 def cmd_binarize(args) -> int:
@@ -80,8 +81,8 @@ def cmd_run(args) -> int:
     cfg = load_recipe(args.recipe, args.overrides)
     out_dir = Path(cfg.out_dir)
     _setup_logging(out_dir)
-    summary = train(cfg, resume=args.resume)
-    test = load_splits(cfg.data, splits=("test",))["test"]
+    test = load_splits(cfg.data, splits=("test",))["test"]  # prepares the corpus if it must
+    summary = train(cfg, resume=args.resume, started=start, test_sentences=len(test))
     scores = score_test_split(
         summary["checkpoint_best"],
         [s for s, _ in test],
@@ -228,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prepare"]:  # its own parser: argparse's REMAINDER would refuse a leading --out
+        return cmd_prepare(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)

@@ -84,27 +84,32 @@ class TrainConfig:
     lr_scheduler: str = "inverse_sqrt"  # inverse_sqrt | linear | cosine (decay to end_lr at max_updates) | wsd
     end_lr: float = 0.0  # lr reached at the last update by the linear, cosine and wsd schedules
     # wsd (warmup-stable-decay): with max_updates 0 the total is planned to end at max_minutes, from the update
-    # rate measured over plan_window_updates updates after the warmup (logged, and kept in the checkpoint)
+    # rate measured over each window of plan_window_updates updates (logged, and kept in the checkpoint)
     cooldown_fraction: float = 0.2  # wsd: share of the updates in the final cooldown to end_lr
     cooldown_shape: str = "linear"  # wsd: linear | 1-sqrt
     stable_phase: str = "constant"  # wsd: constant | inverse_sqrt
-    plan_window_updates: int = 50  # wsd: updates after the warmup over which the update rate is measured
+    plan_window_updates: int = 50  # wsd: updates per window over which the update rate is measured
+    max_warmup_fraction: float = 0.1  # wsd planned from max_minutes: the warmup is at most this share of the run
     betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     clip_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
     max_epochs: int = 20
     max_updates: int = 0  # 0: no limit
-    max_minutes: float = 0.0  # 0: no limit; training stops at the first update past it (wsd: the budget it plans for)
+    # 0: no limit; the command's time budget, set-up included (and test decoding, for `nmt-ls run`): training
+    # stops at the first update past it (wsd: the budget it plans for)
+    max_minutes: float = 0.0
     validate_every_updates: int = 0  # 0: validate at epoch ends only
     save_every_updates: int = 0  # 0: save at validations only
     log_every_updates: int = 50
     patience: int = 0  # validations without improvement before stopping; 0 disables
     best_metric: str = "bleu"  # bleu (higher is better) or ppl (lower is better)
     max_bad_updates: int = 5  # consecutive non-finite losses tolerated before stopping
-    num_threads: int = 0  # 0: torch's default
+    num_threads: int | str = "auto"  # auto (or 0): the cores this process may use, shared by its local workers
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "none"  # none | bf16 (autocast; the loss is computed in float32)
+    # auto: bf16 on CUDA where supported; on a CPU float32 unless bf16 is native and a probe of the run's model
+    # and batches shows it faster (logged with its reason); none: float32; bf16: autocast, the loss in float32
+    amp: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ be fixed after training has started (:func:`plan_total_updates` turns a time bud
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -87,7 +88,10 @@ class WarmupStableDecay(torch.optim.lr_scheduler.LRScheduler):
     The cooldown covers the last ``round(cooldown_fraction * total_updates)`` updates. The
     total may be left at 0 (warmup, then the stable phase, with no end in sight) and fixed
     later with :meth:`set_total_updates`, e.g. from :func:`plan_total_updates` once the
-    update rate is measured; it is part of :meth:`state_dict`, so a resumed run keeps it.
+    update rate is measured, and fixed again as often as the rate changes. A total whose
+    cooldown would have begun already starts it now, from the lr of now, so the lr never
+    jumps up and still reaches ``end_lr`` at the new total. It is all part of
+    :meth:`state_dict`, so a resumed run keeps it.
 
     Args:
         optimizer: its param groups' lrs are the peaks.
@@ -125,12 +129,12 @@ class WarmupStableDecay(torch.optim.lr_scheduler.LRScheduler):
         self.warmup_steps, self.cooldown_fraction = warmup_steps, cooldown_fraction
         self.stable_phase, self.cooldown_shape = stable_phase, cooldown_shape
         self.end_ratio = end_lr / peak if peak > 0 else 0.0
-        self.total_updates, self.cooldown_updates = self._checked_total(total_updates, updates_done=0)
+        self.cooldown_from = None  # the factor the cooldown starts from; None: the stable level there
+        self.total_updates, self.cooldown_updates = self._checked_total(total_updates)
         super().__init__(optimizer, last_epoch)
 
-    def _checked_total(self, total_updates: int, updates_done: int) -> tuple[int, int]:
-        """(total_updates, cooldown_updates), or ValueError if the cooldown would start inside
-        the warmup or before update ``updates_done``."""
+    def _checked_total(self, total_updates: int) -> tuple[int, int]:
+        """(total_updates, cooldown_updates), or ValueError if the cooldown would start inside the warmup."""
         if total_updates < 0:
             raise ValueError(f"total_updates must be >= 0, got {total_updates}")
         cooldown = round(self.cooldown_fraction * total_updates)
@@ -140,88 +144,124 @@ class WarmupStableDecay(torch.optim.lr_scheduler.LRScheduler):
                 f"train.cooldown_fraction={self.cooldown_fraction} of {total_updates} updates starts the "
                 f"cooldown at update {start}, inside train.warmup_steps={self.warmup_steps}"
             )
-        if total_updates and start < updates_done:
-            raise ValueError(
-                f"a total of {total_updates} updates starts the cooldown at update {start}, "
-                f"but {updates_done} updates are done already"
-            )
         return total_updates, cooldown
+
+    @property
+    def cooldown_start(self) -> int:
+        """The first update of the cooldown (0-based index), or a huge number before a total is fixed."""
+        return self.total_updates - self.cooldown_updates if self.total_updates else 2**62
 
     def factor(self, step: int) -> float:
         """Multiplier of the peak lr at update ``step`` (0-based)."""
-        return wsd_factor(
-            step,
-            self.warmup_steps,
-            self.total_updates,
-            self.cooldown_updates,
-            self.end_ratio,
-            self.stable_phase,
-            self.cooldown_shape,
-        )
+        if self.cooldown_from is None or step < self.cooldown_start:
+            return wsd_factor(
+                step,
+                self.warmup_steps,
+                self.total_updates,
+                self.cooldown_updates,
+                self.end_ratio,
+                self.stable_phase,
+                self.cooldown_shape,
+            )
+        progress = min(1.0, (step - self.cooldown_start) / max(1, self.cooldown_updates))
+        left = 1.0 - (progress if self.cooldown_shape == "linear" else math.sqrt(progress))
+        return self.end_ratio + (self.cooldown_from - self.end_ratio) * left
 
     def get_lr(self) -> list[float]:
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]
 
-    def set_total_updates(self, total_updates: int) -> None:
-        """Fix the run's length (cooldown included) now; the next update already takes its lr."""
-        self.total_updates, self.cooldown_updates = self._checked_total(total_updates, updates_done=self.last_epoch)
+    def set_total_updates(self, total_updates: int, warmup_steps: int | None = None) -> None:
+        """Fix the run's length (cooldown included) now, and the warmup if given; the next update
+        already takes its lr. If the cooldown of ``total_updates`` would have begun before now
+        (or the current one has), the cooldown runs from now to ``total_updates``, from the lr of now."""
+        done = max(self.last_epoch, 0)
+        now = self.factor(done)
+        began = self.total_updates and done > self.cooldown_start
+        if warmup_steps is not None:
+            self.warmup_steps = warmup_steps
+        cooldown = round(self.cooldown_fraction * total_updates)
+        if total_updates and (began or total_updates - cooldown < done):
+            total = max(total_updates, done)
+            self.total_updates, self.cooldown_updates, self.cooldown_from = total, total - done, now
+        else:
+            self.total_updates, self.cooldown_updates = self._checked_total(total_updates)
+            self.cooldown_from = None
+        self.set_peak(self.base_lrs[0], self.end_ratio * self.base_lrs[0])
+
+    def set_peak(self, lr: float, end_lr: float) -> None:
+        """Change the peak lr and ``end_lr`` (e.g. on resume with a new recipe); the schedule's
+        shape is kept and the next update takes the lr it gives."""
+        ratios = [base / self.base_lrs[0] if self.base_lrs[0] > 0 else 1.0 for base in self.base_lrs]
+        self.base_lrs = [lr * r for r in ratios]
+        self.end_ratio = end_lr / lr if lr > 0 else 0.0
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * self.factor(self.last_epoch)
+            group["initial_lr"] = base
+            group["lr"] = base * self.factor(max(self.last_epoch, 0))
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
+@dataclass(frozen=True)
+class Cadence:
+    """When validations come: every ``every`` updates (0: not by count), at each epoch end (the
+    next at update ``next_epoch_end``, then every ``epoch_updates``; 0: none), and after the last
+    update unless one came there already (or at ``validated_at``)."""
+
+    every: int = 0
+    epoch_updates: int = 0
+    next_epoch_end: int = 0
+    validated_at: int = -1
+
+    def count(self, done: int, total: int) -> int:
+        """Validations after update ``done`` up to and including update ``total``."""
+        at = set()
+        if self.every > 0:
+            at.update(range((done // self.every + 1) * self.every, total + 1, self.every))
+        if self.epoch_updates > 0:
+            first = self.next_epoch_end
+            if first <= done:
+                first += (done - first) // self.epoch_updates * self.epoch_updates + self.epoch_updates
+            at.update(range(first, total + 1, self.epoch_updates))
+        final = total not in at and total != self.validated_at
+        return len(at) + final
+
+
 def plan_total_updates(
-    budget_minutes: float,
-    elapsed_s: float,
+    seconds_left: float,
+    per_update_s: float,
     updates_done: int,
-    window_updates: int,
-    window_s: float,
-    reserve_s: float,
-    validate_every_updates: int = 0,
+    cadence: Cadence = Cadence(),
     validation_s: float = 0.0,
+    max_total: int | None = None,
 ) -> int:
     """The total number of updates that fits a time budget, from a measured update rate.
 
-    With ``s_u = window_s / window_updates`` (seconds per update, measured after the warmup
-    over a window without validations), ``d = updates_done``, ``V = validate_every_updates``
-    and ``s_v = validation_s`` (one validation plus its checkpoint saves), the result is
-    ``d + n`` for the largest ``n >= 0`` with::
+    The result is ``d + n`` (``d = updates_done``) for the largest ``n >= 0`` with::
 
-        n * s_u + k(n) * s_v <= 60 * budget_minutes - elapsed_s - reserve_s
-        k(n) = ceil((d + n) / V) - floor(d / V)     (k = 0 when V = 0)
+        n * per_update_s + cadence.count(d, d + n) * validation_s <= seconds_left
 
-    ``k(n)`` counts the validations still to come: one at every multiple of ``V`` after ``d``
-    and one after the last update unless that is a multiple. ``elapsed_s`` is wall time so
-    far, validations included; ``reserve_s`` is kept for what follows training (test
-    decoding). With ``V = 0``, validation time must be part of ``reserve_s``. For
-    validations at epoch ends, pass the epoch's number of updates as ``V``. If not even
-    ``n = 0`` fits, the result is ``d``.
+    capped at ``max_total`` (e.g. where ``train.max_epochs`` ends the run). ``seconds_left`` is
+    what the budget leaves once the time so far and what follows training (test decoding) are
+    taken off. If not even ``n = 0`` fits, the result is ``d``.
 
     Raises:
-        ValueError: the window is empty, or a time or count is negative.
+        ValueError: a rate, a time or a count is not positive where it must be.
     """
-    if window_updates <= 0 or window_s <= 0:
-        raise ValueError(f"the measurement window needs updates and seconds > 0, got {window_updates}, {window_s}")
-    if min(budget_minutes, elapsed_s, updates_done, reserve_s, validate_every_updates, validation_s) < 0:
-        raise ValueError(
-            "budget_minutes, elapsed_s, updates_done, reserve_s, validate_every_updates and validation_s must be >= 0"
-        )
-    per_update = window_s / window_updates
-    left = 60.0 * budget_minutes - elapsed_s - reserve_s
+    if per_update_s <= 0:
+        raise ValueError(f"the measured seconds per update must be > 0, got {per_update_s}")
+    if min(updates_done, validation_s) < 0:
+        raise ValueError(f"updates_done and validation_s must be >= 0, got {updates_done}, {validation_s}")
 
     def cost(n: int) -> float:
-        if validate_every_updates == 0:
-            return n * per_update
-        vals = -(-(updates_done + n) // validate_every_updates) - updates_done // validate_every_updates
-        return n * per_update + vals * validation_s
+        return n * per_update_s + cadence.count(updates_done, updates_done + n) * validation_s
 
-    if cost(0) > left:
+    if cost(0) > seconds_left:
         return updates_done
-    lo, hi = 0, int(max(left, 0.0) / per_update) + 1  # cost(lo) <= left < cost(hi): cost(n) >= n * s_u
+    lo, hi = 0, int(max(seconds_left, 0.0) / per_update_s) + 1  # cost(lo) <= left < cost(hi): cost(n) >= n * s_u
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid)
-    return updates_done + lo
+        lo, hi = (mid, hi) if cost(mid) <= seconds_left else (lo, mid)
+    total = updates_done + lo
+    return total if max_total is None else max(updates_done, min(total, max_total))
 
 
 def check_schedule(name: str, max_updates: int, lr: float, end_lr: float) -> None:

@@ -38,20 +38,32 @@ from nmt_ls.criterions import CRITERIONS, build_criterion, import_user_module, r
 from nmt_ls.data import load_splits
 from nmt_ls.distributed import World, init_world
 from nmt_ls.evaluate import corpus_bleu
+from nmt_ls.hardware import AMP, choose_amp, cpu_capability, cpu_model, matmul_gflops, native_bf16, usable_cores
 from nmt_ls.inference import translate
 from nmt_ls.model import build_model
-from nmt_ls.optim import build_optimizer, build_scheduler, check_schedule, plan_total_updates
+from nmt_ls.optim import (
+    Cadence,
+    WarmupStableDecay,
+    build_optimizer,
+    build_scheduler,
+    check_schedule,
+    plan_total_updates,
+)
 from nmt_ls.tokenizer import Tokenizer, train_spm
 
 log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("reference", "fused", "chunked")
-# A wsd plan aims at this share of train.max_minutes, so that a machine that slows down a little
-# during the cooldown still finishes it; once planned, the run may pass max_minutes by up to
-# PLAN_OVERRUN of it to complete its plan, and stops there if it must.
-PLAN_TARGET, PLAN_OVERRUN = 0.98, 0.1
+# A wsd plan aims at this share of train.max_minutes (less the test decoding's reserve), so that
+# the estimates may be off a little and the run still ends inside the budget; past the budget it
+# stops, cooldown done or not. The plan is fixed again from every new measurement (the update rate
+# over each window of plan_window_updates updates, each validation) when it moves by PLAN_SLACK.
+PLAN_TARGET, PLAN_SLACK = 0.97, 0.005
+# Seconds kept after test decoding for loading the best checkpoint, scoring and the plot.
+RUN_TAIL_S = 20.0
+# Valid sentences decoded (greedy and beam) to estimate decoding speed before the first validation.
+DECODE_PROBE_SENTENCES = 32
 BEST_METRICS = ("bleu", "ppl")
-AMP = ("none", "bf16")
 
 
 @dataclass
@@ -64,19 +76,22 @@ class Progress:
     best: float | None = None  # best validation value (BLEU, or -ppl)
     bad_validations: int = 0  # validations in a row without improvement
     validated_at: int = -1  # update of the last validation
-    elapsed: float = 0.0  # seconds of training (set-up excluded)
+    elapsed: float = 0.0  # seconds of the run so far: set-up, updates, validations (of every process)
     planned_updates: int = 0  # wsd: the total fixed from the measured update rate (0: not yet)
+    update_s: float = 0.0  # seconds per update over the last timed window (0: not measured yet)
+    validation_s: float = 0.0  # seconds of the last validation with its saves (0: not measured yet)
+    greedy_s: float = 0.0  # seconds per sentence of greedy decoding, at the last validation or probe
+    beam_ratio: float = 0.0  # beam decoding's seconds over greedy's on the same sentences
 
 
 @dataclass
 class Timing:
-    """What a wsd plan is made from, measured in this process: seconds spent in updates since
-    the warmup ended (validations and saves excluded), and the last validation's seconds."""
+    """The update-rate window now being timed (validations and saves excluded)."""
 
     updates: int = 0
-    update_s: float = 0.0
-    validation_s: float = 0.0
-    resumed: bool = False  # a resumed run keeps the checkpoint's plan (so it replays exactly)
+    seconds: float = 0.0
+    skip: int = 1  # the first update of a process is not timed (allocations, kernel choice)
+    save_s: float = 0.0  # seconds of one checkpoint save, the last measured
 
 
 @dataclass
@@ -97,6 +112,9 @@ class Run:
     bleu_ref: list[str]
     progress: Progress
     writer: object | None = None
+    test_sentences: int = 0  # sentences that `nmt-ls run` decodes after training: their time is reserved
+    epoch_batches: int = 0  # this worker's batches in the current epoch
+    clock: float = 0.0  # time.time() at which the run, all its processes together, would have started
     timing: Timing = field(default_factory=Timing)
     window: list[dict] = field(default_factory=list)  # update results since the last train line
     window_start: float = 0.0
@@ -110,9 +128,27 @@ class Run:
     def log_path(self) -> Path:
         return self.out_dir / "train_log.jsonl"
 
-    def autocast(self):
-        enabled = self.cfg.train.amp == "bf16"
+    def autocast(self, amp: str | None = None):
+        enabled = (amp or self.cfg.train.amp) == "bf16"
         return torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @property
+    def planning(self) -> bool:
+        """Is the number of updates planned from the time budget (wsd, no pinned max_updates)?"""
+        t = self.cfg.train
+        return t.lr_scheduler == "wsd" and t.max_updates <= 0 and t.max_minutes > 0
+
+    def reserve_s(self) -> float:
+        """Seconds kept for what follows training: decoding the test set greedy and with beam
+        search (estimated from the decoding speed measured at the last validation or probe)."""
+        p = self.progress
+        if not self.test_sentences:
+            return 0.0
+        return self.test_sentences * p.greedy_s * (1 + p.beam_ratio) + RUN_TAIL_S
+
+    def deadline_s(self) -> float:
+        """Seconds into the run by which training must have stopped (inf without a budget)."""
+        return 60 * self.cfg.train.max_minutes - self.reserve_s() if self.cfg.train.max_minutes > 0 else math.inf
 
 
 # ---- set-up -----------------------------------------------------------------------------------
@@ -132,9 +168,13 @@ def check_config(cfg: RunConfig) -> None:
     for key, value, valid in choices:
         if value not in valid:
             raise ValueError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
-    for key in ("update_freq", "max_tokens", "log_every_updates", "max_bad_updates"):
+    for key in ("update_freq", "max_tokens", "log_every_updates", "max_bad_updates", "plan_window_updates"):
         if getattr(t, key) < 1:
             raise ValueError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if not 0.0 < t.max_warmup_fraction <= 1.0:
+        raise ValueError(f"train.max_warmup_fraction must be in (0, 1], got {t.max_warmup_fraction}")
+    if t.num_threads != "auto" and not (isinstance(t.num_threads, int) and t.num_threads >= 0):
+        raise ValueError(f"train.num_threads must be auto or a number of threads >= 1, got {t.num_threads!r}")
     if c.user_module:
         import_user_module(c.user_module)
     if c.name not in CRITERIONS:
@@ -233,26 +273,116 @@ def restore(ckpt: dict | None, run: Run) -> None:
         return
     checkpoint.restore_training(ckpt, run.model, run.optimizer, run.scheduler, world.rank, world.world_size)
     run.progress = Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress) if f.name in ckpt})
-    run.timing.resumed = True
     if world.is_main:
         truncate_log(log_path, run.progress.update)
         p = run.progress
         log.info("resumed at update %d (epoch %d, batch %d)", p.update, p.epoch, p.batch_index)
+    apply_schedule_changes(run, ckpt["config"]["train"])
 
 
-def setup(cfg: RunConfig, resume: bool) -> Run:
+def apply_schedule_changes(run: Run, old: dict) -> None:
+    """On ``--resume``, apply what the recipe changed in the schedule: the peak and end lrs,
+    and a pinned wsd ``max_updates`` (the cooldown re-fitted to end there; from the lr of now
+    if it had begun). A changed ``max_minutes`` is re-planned at the start of the epoch."""
+    t, sched = run.cfg.train, run.scheduler
+    if (t.lr, t.end_lr) != (old["lr"], old["end_lr"]):
+        if isinstance(sched, WarmupStableDecay):
+            sched.set_peak(t.lr, t.end_lr)
+        else:
+            sched.base_lrs = [t.lr for _ in sched.base_lrs]
+            for group, lr in zip(run.optimizer.param_groups, sched.get_lr()):
+                group["initial_lr"], group["lr"] = t.lr, lr
+        log.info(
+            "--resume: train.lr %g -> %g and train.end_lr %g -> %g applied; the schedule goes on from update %d",
+            old["lr"],
+            t.lr,
+            old["end_lr"],
+            t.end_lr,
+            run.progress.update,
+        )
+    if isinstance(sched, WarmupStableDecay) and t.max_updates > 0 and t.max_updates != sched.total_updates:
+        sched.set_total_updates(t.max_updates)
+        log.info(
+            "--resume: the wsd schedule now ends at train.max_updates=%d (was %d); cooldown from update %d",
+            t.max_updates,
+            old["max_updates"],
+            sched.cooldown_start,
+        )
+    if run.planning and t.max_minutes != old["max_minutes"]:
+        log.info("--resume: train.max_minutes %g -> %g: the plan is fixed again", old["max_minutes"], t.max_minutes)
+
+
+def probe_batches(run: Run, count: int = 2) -> list[Batch]:
+    """The first ``count`` batches of this worker's first epoch, on the run's device."""
+    t, tok, data = run.cfg.train, run.tok, run.train_data
+    order = run.world.shard(batch_by_tokens(data.src_lens, data.tgt_lens, t.max_tokens, seed=t.seed, shuffle=True))
+    return [data.batch(idx, tok.pad_id, tok.bos_id, tok.eos_id).to(run.world.device) for idx in order[:count]]
+
+
+def tokens_per_second(run: Run, batches: list[Batch], amp: str) -> float:
+    """Target tokens per second of forward and backward over ``batches`` in precision ``amp``
+    (after one untimed pass), leaving the model, its gradients and the RNG as they were."""
+    devices = [run.world.device] if run.world.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for _ in range(2):  # a warm-up pass, then the timed one
+            start, tokens = time.perf_counter(), 0
+            for batch in batches:
+                out, _ = forward_loss(run, batch, amp)
+                run.criterion.training_loss(out).backward()
+                tokens += out.ntokens
+            if run.world.device.type == "cuda":
+                torch.cuda.synchronize()
+    run.model.zero_grad(set_to_none=True)
+    return tokens / (time.perf_counter() - start)
+
+
+def choose_precision(run: Run, ckpt: dict | None) -> None:
+    """Resolve ``train.amp`` (``auto``: the checkpoint's choice when resuming, else measured on
+    this machine) into ``run.cfg``; log the machine and the choice with its reason."""
+    t, world = run.cfg.train, run.world
+    if t.amp == "auto" and ckpt is not None and ckpt["config"]["train"].get("amp") in ("none", "bf16"):
+        amp = ckpt["config"]["train"]["amp"]
+        choice = (amp, f"{amp}, as the checkpoint was trained")
+    else:
+        c = choose_amp(t.amp, world.device, lambda amp: tokens_per_second(run, probe_batches(run), amp))
+        choice = (c.amp, c.reason)
+    amp, reason = world.broadcast(choice)
+    run.cfg = dataclasses.replace(run.cfg, train=dataclasses.replace(t, amp=amp))
+    if not world.is_main:
+        return
+    if world.device.type == "cpu":
+        log.info(
+            "machine: %s, %s, %s bf16, %d thread(s): fp32 matmul %.0f GFLOP/s",
+            cpu_model(),
+            cpu_capability(),
+            "native" if native_bf16(world.device) else "no native",
+            t.num_threads,
+            matmul_gflops(),
+        )
+    log.info("amp %s: %s", t.amp, reason)
+
+
+def num_threads(setting: int | str) -> int:
+    """``train.num_threads``: ``auto`` (or 0) is the cores this process may use, shared among
+    the workers that torchrun starts on this machine."""
+    if setting in ("auto", 0):
+        return max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return int(setting)
+
+
+def setup(cfg: RunConfig, resume: bool, test_sentences: int = 0) -> Run:
     """Process group, data, tokenizer, model, criterion, optimizer and schedule; with
-    ``resume``, their states and the progress from ``out_dir/checkpoint_last.pt``."""
+    ``resume``, their states and the progress from ``out_dir/checkpoint_last.pt``; then the
+    precision (``train.amp``), chosen on this machine unless the checkpoint fixed it."""
     t = cfg.train
-    if t.num_threads > 0:
-        torch.set_num_threads(t.num_threads)
+    threads = num_threads(t.num_threads)
+    torch.set_num_threads(threads)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, num_threads=threads))
     world = init_world(t.device)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last_path = out_dir / "checkpoint_last.pt"
     ckpt = checkpoint.load(last_path) if resume and last_path.exists() else None
-    if world.is_main:
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     random.seed(t.seed)
     torch.manual_seed(t.seed)
 
@@ -282,9 +412,12 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
         bleu_ref,
         Progress(),
         writer,
+        test_sentences,
     )
     restore(ckpt, run)
+    choose_precision(run, ckpt)
     if world.is_main:
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(run.cfg), sort_keys=False), encoding="utf-8")
         n_params = sum(q.numel() for q in model.parameters()) / 1e6
         log.info(
             "model: %.2fM parameters; %d train pairs, %d valid; %d worker(s) on %s",
@@ -371,9 +504,10 @@ def sample_size(run: Run, batch: Batch) -> float:
     return float(batch.tgt_out[:, c.ignore_prefix_size :].ne(run.tok.pad_id).sum())
 
 
-def forward_loss(run: Run, batch: Batch):
-    """Criterion outputs for one batch on the run's device, and the logits (None for chunked)."""
-    with run.autocast():
+def forward_loss(run: Run, batch: Batch, amp: str | None = None):
+    """Criterion outputs for one batch on the run's device, and the logits (None for chunked);
+    in precision ``amp`` (default: the run's)."""
+    with run.autocast(amp):
         outputs = run.forward_model(batch.src, batch.tgt_in)  # logits (B, T, V), or features (B, T, D)
     if run.cfg.criterion.implementation == "chunked":
         return run.criterion.compute_from_features(outputs, run.model.output_weight, batch.tgt_out), None
@@ -449,6 +583,7 @@ def validate(run: Run) -> dict:
     """Valid loss, nll, KL, ppl (and accuracy), and greedy BLEU on the first valid pairs."""
     p, e = run.progress, run.cfg.eval
     m = validation_loss(run)
+    start = time.time()
     hyps = translate(
         run.model,
         run.tok,
@@ -458,6 +593,8 @@ def validate(run: Run) -> dict:
         max_len_b=e.max_len_b,
         max_tokens=e.max_tokens,
     )
+    if run.bleu_src:
+        p.greedy_s = (time.time() - start) / len(run.bleu_src)
     bleu, signature = corpus_bleu(hyps, run.bleu_ref)
     record = {
         "kind": "valid",
@@ -507,7 +644,8 @@ def save(run: Run, name: str) -> None:
 
 
 def validate_and_save(run: Run) -> None:
-    """Validate (main worker), track the best value, save best and last (all workers)."""
+    """Validate (main worker), track the best value, fix the plan again from the validation's
+    time, and save best and last (all workers), so the checkpoint holds the plan in force."""
     p, world = run.progress, run.world
     start, improved = time.time(), False
     if world.is_main:
@@ -516,59 +654,99 @@ def validate_and_save(run: Run) -> None:
         value = record["bleu"] if run.cfg.train.best_metric == "bleu" else -record["ppl"]
         improved = p.best is None or value > p.best
         p.best = value if improved else p.best
-    p.best, improved = world.broadcast((p.best, improved))
+    p.best, improved, p.greedy_s = world.broadcast((p.best, improved, p.greedy_s))
     p.bad_validations = 0 if improved else p.bad_validations + 1
     p.validated_at = p.update
+    p.validation_s = world.broadcast(time.time() - start) + run.timing.save_s
+    plan_updates(run)
+    start = time.time()
     if improved:
         save(run, "checkpoint_best.pt")
     save(run, "checkpoint_last.pt")
-    run.timing.validation_s = world.broadcast(time.time() - start)
+    run.timing.save_s = (time.time() - start) / (1 + improved)
 
 
 # ---- the loop ---------------------------------------------------------------------------------
 
 
-def plan_updates(run: Run, updates_per_epoch: int) -> None:
-    """wsd with a time budget: once ``plan_window_updates`` updates after the warmup are timed
-    and a validation is, fix the total updates that end at ``max_minutes`` (validations at epoch
-    ends counted), and fix it again at later validations while the cooldown has not begun.
+def probe_decoding(run: Run) -> None:
+    """Before the first validation, estimate what the plan needs from decoding a few valid
+    sentences greedy and with beam search, and from a pass of the valid loss: the seconds per
+    sentence, beam's factor over greedy, and the seconds of one validation (main worker's)."""
+    p, e = run.progress, run.cfg.eval
+    src = run.bleu_src[:DECODE_PROBE_SENTENCES]
+    if run.world.is_main and src:
+        seconds = []
+        for beam in (1, e.beam_size):
+            start = time.time()
+            translate(run.model, run.tok, src, beam, e.len_penalty, e.max_len_a, e.max_len_b, e.max_tokens)
+            seconds.append(time.time() - start)
+        start = time.time()
+        validation_loss(run)
+        p.greedy_s, p.beam_ratio = seconds[0] / len(src), seconds[1] / max(seconds[0], 1e-9)
+        p.validation_s = p.validation_s or time.time() - start + p.greedy_s * len(run.bleu_src)
+    p.greedy_s, p.beam_ratio, p.validation_s = run.world.broadcast((p.greedy_s, p.beam_ratio, p.validation_s))
+
+
+def plan_updates(run: Run) -> None:
+    """wsd with a time budget: fix the total updates whose cooldown ends at ``PLAN_TARGET`` of
+    ``max_minutes``, less the test decoding's reserve, from the last measured update rate
+    (validations to come counted, at epoch ends and every ``validate_every_updates``; capped
+    where ``max_epochs`` ends the run). Called at every new measurement; a plan that moves by
+    more than ``PLAN_SLACK`` replaces the one in force (from the lr of now if its cooldown has
+    begun). The first plan also sizes the warmup: at most ``max_warmup_fraction`` of the run.
     Every worker takes rank 0's plan."""
-    t, p, timing = run.cfg.train, run.progress, run.timing
-    if t.lr_scheduler != "wsd" or t.max_updates > 0 or timing.validation_s <= 0 or p.validated_at != p.update:
+    t, p, sched = run.cfg.train, run.progress, run.scheduler
+    if not run.planning or p.update_s <= 0:
         return
-    if timing.updates < t.plan_window_updates or (timing.resumed and p.planned_updates):
+    p.elapsed = time.time() - run.clock
+    if not p.validation_s or (run.test_sentences and not p.beam_ratio):
+        probe_decoding(run)
+    epoch_updates = math.ceil(run.epoch_batches / t.update_freq)
+    epoch_left = math.ceil((run.epoch_batches - p.batch_index) / t.update_freq)
+    cadence = Cadence(t.validate_every_updates, epoch_updates, p.update + epoch_left, p.validated_at)
+    max_total = p.update + epoch_left + (t.max_epochs - p.epoch - 1) * epoch_updates
+    seconds_left = PLAN_TARGET * 60 * t.max_minutes - run.reserve_s() - p.elapsed
+    total = plan_total_updates(seconds_left, p.update_s, p.update, cadence, p.validation_s, max_total)
+    total = run.world.broadcast(total)
+    if p.planned_updates and abs(total - p.planned_updates) <= PLAN_SLACK * p.planned_updates:
         return
-    if p.planned_updates and p.update >= p.planned_updates - run.scheduler.cooldown_updates:
-        return  # the cooldown has begun: the plan stands
-    every = t.validate_every_updates or updates_per_epoch
-    planned = run.world.broadcast(
-        plan_total_updates(
-            PLAN_TARGET * t.max_minutes,
-            p.elapsed,
-            p.update,
-            timing.updates,
-            timing.update_s,
-            0.0,
-            every,
-            timing.validation_s,
-        )
-    )
-    cooldown_start = planned - round(t.cooldown_fraction * planned)
-    if planned == p.planned_updates or cooldown_start < max(p.update, t.warmup_steps):
-        return
-    run.scheduler.set_total_updates(planned)
-    p.planned_updates = planned
+    cooldown_start = total - round(t.cooldown_fraction * total)
+    if p.planned_updates:
+        warmup = min(sched.warmup_steps, cooldown_start)
+    else:
+        warmup = min(t.warmup_steps, max(p.update + 1, round(t.max_warmup_fraction * total)), cooldown_start)
+    sched.set_total_updates(total, max(warmup, 0))
+    first, p.planned_updates = not p.planned_updates, total
     log.info(
-        "wsd plan: %d updates in train.max_minutes=%g (%.3f s per update over %d updates, %.1f s per "
-        "validation); cooldown from update %d; pin it with train.max_updates=%d",
-        planned,
+        "wsd %s: %d updates in train.max_minutes=%g (%.3f s per update, %.1f s per validation, %.0f s "
+        "kept for test decoding); warmup %d, cooldown from update %d; pin it with train.max_updates=%d "
+        "train.warmup_steps=%d",
+        "plan" if first else "re-plan",
+        total,
         t.max_minutes,
-        timing.update_s / timing.updates,
-        timing.updates,
-        timing.validation_s,
-        cooldown_start,
-        planned,
+        p.update_s,
+        p.validation_s,
+        run.reserve_s(),
+        sched.warmup_steps,
+        sched.cooldown_start,
+        total,
+        sched.warmup_steps,
     )
+
+
+def measure_rate(run: Run, seconds: float) -> None:
+    """Add one update's seconds to the timing window; when the window is full, its rate becomes
+    the run's (every worker takes rank 0's) and the plan is fixed again."""
+    timing, t = run.timing, run.cfg.train
+    if timing.skip:
+        timing.skip -= 1
+        return
+    timing.updates, timing.seconds = timing.updates + 1, timing.seconds + seconds
+    if timing.updates >= t.plan_window_updates:
+        run.progress.update_s = run.world.broadcast(timing.seconds / timing.updates)
+        timing.updates, timing.seconds = 0, 0.0
+        plan_updates(run)
 
 
 def stop_reason(run: Run) -> str | None:
@@ -582,17 +760,16 @@ def stop_reason(run: Run) -> str | None:
         return f"reached train.max_epochs={t.max_epochs}"
     if t.patience > 0 and p.bad_validations >= t.patience:
         return f"early stop: no improvement of {t.best_metric} in {t.patience} validations"
-    cap = t.max_minutes * (1 + PLAN_OVERRUN if p.planned_updates else 1)
-    if run.world.any(t.max_minutes > 0 and p.elapsed >= 60 * cap):
+    if run.world.any(p.elapsed >= run.deadline_s()):
         if p.planned_updates:
             log.warning(
-                "stopped %.0f%% past train.max_minutes=%g at update %d of the %d planned: the cooldown is cut short",
-                100 * PLAN_OVERRUN,
+                "stopped at train.max_minutes=%g at update %d of the %d planned: the cooldown is cut short",
                 t.max_minutes,
                 p.update,
                 p.planned_updates,
             )
-        return f"reached train.max_minutes={t.max_minutes}" + (f" + {PLAN_OVERRUN:.0%}" if p.planned_updates else "")
+        reserve = f", less {run.reserve_s():.0f} s kept for test decoding" if run.test_sentences else ""
+        return f"reached train.max_minutes={t.max_minutes}{reserve}"
     return None
 
 
@@ -619,13 +796,12 @@ def after_update(run: Run, result: dict, n_batches: int) -> dict | None:
         run.window, run.window_start = [], time.time()
     if t.validate_every_updates and p.update % t.validate_every_updates == 0:
         validate_and_save(run)
-        plan_updates(run, n_batches // t.update_freq)
     elif t.save_every_updates and p.update % t.save_every_updates == 0:
         save(run, "checkpoint_last.pt")
     return record
 
 
-def train_epoch(run: Run, batches: list, clock: float) -> str | None:
+def train_epoch(run: Run, batches: list) -> str | None:
     """Train on this worker's ``batches`` from ``progress.batch_index`` on, until the epoch
     ends or :func:`stop_reason` says stop (returned)."""
     t, p, tok = run.cfg.train, run.progress, run.tok
@@ -643,16 +819,14 @@ def train_epoch(run: Run, batches: list, clock: float) -> str | None:
         step_start = time.time()
         result = train_step(run, [run.train_data.batch(idx, tok.pad_id, tok.bos_id, tok.eos_id) for idx in group])
         p.batch_index += len(group)
-        p.elapsed = time.time() - clock
-        if p.update >= t.warmup_steps:
-            run.timing.updates += 1
-            run.timing.update_s += time.time() - step_start
+        p.elapsed = time.time() - run.clock
         bar.update(1)
         run.bad_updates = 0 if result else run.bad_updates + 1
         if result is None:
             skip_bad_update(run, run.bad_updates)
             continue
         p.update += 1
+        measure_rate(run, time.time() - step_start)
         record = after_update(run, result, len(batches))
         if record:
             bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['ppl']:.2f}", lr=f"{record['lr']:.1e}")
@@ -660,27 +834,31 @@ def train_epoch(run: Run, batches: list, clock: float) -> str | None:
     return reason
 
 
-def train(cfg: RunConfig, resume: bool = False) -> dict:
+def train(cfg: RunConfig, resume: bool = False, started: float | None = None, test_sentences: int = 0) -> dict:
     """Train as ``cfg`` says; returns a summary (updates, best metric, paths, minutes).
 
     With ``resume``, continue from ``out_dir/checkpoint_last.pt`` exactly where it stopped:
     same data position, RNG states, optimizer and schedule, so the loss curve continues as
-    if the run had never stopped.
+    if the run had never stopped. ``train.max_minutes`` counts from ``started`` (default: now),
+    set-up included; ``test_sentences`` (from ``nmt-ls run``) have their decoding time kept
+    out of it.
     """
+    started = time.time() if started is None else started
     check_config(cfg)  # before any data work
-    run = setup(cfg, resume)
-    t, p = cfg.train, run.progress
-    clock, run.window_start = time.time() - p.elapsed, time.time()
+    run = setup(cfg, resume, test_sentences)
+    t, p = run.cfg.train, run.progress
+    run.clock, run.window_start = started - p.elapsed, time.time()
     run.model.train()
     while (reason := stop_reason(run)) is None:
         lens = (run.train_data.src_lens, run.train_data.tgt_lens)
         batches = run.world.shard(batch_by_tokens(*lens, t.max_tokens, seed=t.seed, epoch=p.epoch, shuffle=True))
-        reason = train_epoch(run, batches, clock)
+        run.epoch_batches = len(batches)
+        plan_updates(run)  # from the rate measured so far (e.g. the checkpoint's), for this epoch's length
+        reason = train_epoch(run, batches)
         if p.batch_index >= len(batches):  # the epoch is over, whatever its last update did
             p.epoch, p.batch_index = p.epoch + 1, 0
             if p.validated_at != p.update:
                 validate_and_save(run)
-            plan_updates(run, len(batches) // t.update_freq)
         elif reason is not None:
             break
     if p.validated_at != p.update:

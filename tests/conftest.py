@@ -28,6 +28,7 @@ def overrides(out_dir, *extra: str) -> list[str]:
         "data.valid_bleu_sentences=5",
         "tokenizer.vocab_size=500",
         "train.num_threads=1",
+        "train.amp='none'",  # no precision probe in every tiny run (tests/test_hardware.py tests auto)
         *extra,
     ]
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nmt_ls.optim import (
+    Cadence,
     WarmupStableDecay,
     build_optimizer,
     build_scheduler,
@@ -157,12 +158,6 @@ def test_wsd_errors_name_the_recipe_key():
         WarmupStableDecay(opt, 4, cooldown_shape="cosine")
     with pytest.raises(ValueError, match="train.stable_phase must be one of constant, inverse_sqrt"):
         WarmupStableDecay(opt, 4, stable_phase="cosine")
-    sched = WarmupStableDecay(opt, 4, cooldown_fraction=0.5)
-    for _ in range(12):
-        opt.step()
-        sched.step()
-    with pytest.raises(ValueError, match="starts the cooldown at update 10, but 12 updates are done already"):
-        sched.set_total_updates(20)
 
 
 def test_wsd_needs_no_max_updates():
@@ -171,42 +166,110 @@ def test_wsd_needs_no_max_updates():
     assert isinstance(sched, WarmupStableDecay) and sched.total_updates == 0
 
 
+def replanned_lrs(steps, plans, warmup=4, **kwargs):
+    """The lr of each of ``steps`` updates, with ``plans[k] = total`` (or ``(total, warmup)``)
+    fixed after ``k`` updates."""
+    opt = build_optimizer(torch.nn.Linear(2, 2), 2e-3, (0.9, 0.98), 1e-8, 0.0)
+    sched = WarmupStableDecay(opt, warmup, **kwargs)
+    out = []
+    for k in range(steps):
+        if k in plans:
+            sched.set_total_updates(*plans[k]) if isinstance(plans[k], tuple) else sched.set_total_updates(plans[k])
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_wsd_total_whose_cooldown_would_have_begun_cools_down_from_now():
+    # 12 updates done at 2e-3; a total of 20 would have cooled down from update 10: it cools down from
+    # update 12 instead, over the 8 updates left, and still reaches end_lr at update 20
+    got = replanned_lrs(22, {12: 20}, cooldown_fraction=0.5)
+    assert got[12:] == pytest.approx([2e-3 * (1 - j / 8) for j in range(9)] + [0.0], rel=1e-12, abs=1e-18)
+
+
+def test_wsd_shorter_total_inside_the_cooldown_goes_on_from_the_lr_of_now():
+    # total 20, cooldown from update 10: at update 14 the lr is 2e-3 * 0.6; a total of 16 (a machine
+    # that slowed down) ends the cooldown at 16 from there; a total of 24 stretches it to 24
+    shorter = replanned_lrs(18, {0: 20, 14: 16}, cooldown_fraction=0.5)
+    assert shorter[14:] == pytest.approx([1.2e-3, 0.6e-3, 0.0, 0.0], rel=1e-12, abs=1e-18)
+    longer = replanned_lrs(25, {0: 20, 14: 24}, cooldown_fraction=0.5)
+    assert longer[14:] == pytest.approx([1.2e-3 * (1 - j / 10) for j in range(11)], rel=1e-12, abs=1e-18)
+    assert all(a >= b for lrs in (shorter[3:], longer[3:]) for a, b in zip(lrs, lrs[1:]))  # after the warmup
+
+
+def test_wsd_first_plan_shortens_the_warmup():
+    # warmup 100 asked for, a plan of 40 updates after 3 updates sets it to 4: the 4th update is at the peak
+    got = replanned_lrs(6, {3: (40, 4)}, warmup=100, cooldown_fraction=0.2)
+    assert got == pytest.approx([2e-5, 4e-5, 6e-5, 2e-3, 2e-3, 2e-3], rel=1e-12)
+
+
+def test_wsd_set_peak_keeps_the_shape():
+    opt = build_optimizer(torch.nn.Linear(2, 2), 2e-3, (0.9, 0.98), 1e-8, 0.0)
+    sched = WarmupStableDecay(opt, 4, 20, cooldown_fraction=0.5, end_lr=2e-4)
+    for _ in range(15):
+        opt.step()
+        sched.step()
+    sched.set_peak(1e-3, 0.0)  # update 15 of a cooldown from 10 to 20: half way
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5, rel=1e-12)
+
+
 # ---- planning the total from a measured rate -------------------------------------------------
 
 
 def test_plan_total_updates_without_validations():
-    # 600 s budget - 100 s spent - 60 s reserve = 440 s at 25 s / 50 updates: 880 more updates
-    assert plan_total_updates(10, 100, 200, 50, 25.0, 60) == 1080
+    # 440 s left at 0.5 s per update: 880 more updates
+    assert plan_total_updates(440, 0.5, 200) == 1080
 
 
 def test_plan_total_updates_counts_the_validations_to_come():
     # validations (10 s) every 100 updates: n = 720 ends at 920, validating at 300, ..., 900 and
     # at 920: 360 s + 8 * 10 s = 440 s; n = 721 costs 440.5 s
-    assert plan_total_updates(10, 100, 200, 50, 25.0, 60, validate_every_updates=100, validation_s=10) == 920
+    assert plan_total_updates(440, 0.5, 200, Cadence(every=100, validated_at=200), 10) == 920
+
+
+def test_cadence_counts_epoch_ends_and_every_n_once_each():
+    # every 10 updates and at epoch ends 25, 50, 75: after update 5 up to 50 come 10, 20, 25, 30, 40, 50
+    cadence = Cadence(every=10, epoch_updates=25, next_epoch_end=25, validated_at=5)
+    assert cadence.count(5, 50) == 6
+    assert cadence.count(5, 52) == 7  # and the last one after update 52
+    assert cadence.count(5, 5) == 0  # nothing to come: validated at 5 already
+    assert Cadence(epoch_updates=25, next_epoch_end=25).count(30, 74) == 2  # 50, and the last at 74
 
 
 def test_plan_total_updates_matches_enumeration():
     gen = torch.Generator().manual_seed(0)
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi, (1,), generator=gen))
+
     for _ in range(200):
-        budget, elapsed, reserve = 1 + 9 * torch.rand(1, generator=gen).item(), 30.0, 20.0
-        done, every = int(torch.randint(0, 300, (1,), generator=gen)), int(torch.randint(0, 80, (1,), generator=gen))
+        left, done, every, epoch = (
+            10 + 300 * torch.rand(1, generator=gen).item(),
+            draw(0, 300),
+            draw(0, 80),
+            draw(0, 90),
+        )
+        next_end = done + draw(1, 90)
         per_update, val_s = 0.05 + torch.rand(1, generator=gen).item(), 5 * torch.rand(1, generator=gen).item()
-        left = 60 * budget - elapsed - reserve
+        cadence = Cadence(every, epoch, next_end, validated_at=done)
 
         def cost(n):
-            vals = -(-(done + n) // every) - done // every if every else 0
-            return n * per_update + vals * val_s
+            ends = {next_end + k * epoch for k in range(1000)} if epoch else set()
+            at = [u for u in range(done + 1, done + n + 1) if (every and u % every == 0) or u in ends]
+            final = n > 0 and done + n not in at
+            return n * per_update + (len(at) + final) * val_s
 
         n = 0
         while cost(n + 1) <= left:
             n += 1
-        want = done + n if cost(0) <= left else done
-        assert plan_total_updates(budget, elapsed, done, 40, 40 * per_update, reserve, every, val_s) == want
+        assert plan_total_updates(left, per_update, done, cadence, val_s) == done + n
+        assert plan_total_updates(left, per_update, done, cadence, val_s, max_total=done + 3) == done + min(n, 3)
 
 
 def test_plan_total_updates_out_of_time_and_errors():
-    assert plan_total_updates(1, 70, 300, 50, 25.0, 0) == 300
-    with pytest.raises(ValueError, match="window needs updates and seconds > 0"):
-        plan_total_updates(10, 0, 0, 0, 25.0, 0)
+    assert plan_total_updates(-10, 0.5, 300) == 300
+    with pytest.raises(ValueError, match="seconds per update must be > 0"):
+        plan_total_updates(10, 0, 0)
     with pytest.raises(ValueError, match="must be >= 0"):
-        plan_total_updates(10, 0, 0, 50, 25.0, -1)
+        plan_total_updates(10, 0.5, 0, Cadence(), -1)

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nmt_ls.config import DROPOUTS, differences
+
 log = logging.getLogger(__name__)
 
 FORMAT = "nmt_ls/1"
@@ -131,6 +133,10 @@ def average_checkpoints(paths: list[str | Path]) -> dict:
     ckpts = [load(p) for p in paths]
     keys = ckpts[0]["model"].keys()
     for p, c in zip(paths, ckpts):
+        differ = differences("model", c["config"]["model"], ckpts[0]["config"]["model"], DROPOUTS)
+        if differ:
+            changes = ", ".join(f"{key}={value!r} (not {first!r})" for key, value, first in differ)
+            raise CheckpointError(f"{p}: its model differs from {paths[0]}'s: {changes}; cannot average")
         if c["model"].keys() != keys:
             raise CheckpointError(f"{p}: parameters differ from {paths[0]}; cannot average")
     avg = {}

@@ -3,13 +3,16 @@
     cfg = load_recipe("recipes/lohelp_en_de.yaml", ["train.lr=5e-4", "model.d_model=256"])
 
 Unknown keys and wrong types raise :class:`ConfigError` naming the key (``train.lrr``) and
-listing the valid ones; dotted overrides are parsed with ``ast.literal_eval``.
+listing the valid ones. The recipe and the dotted overrides take the same spellings: YAML 1.2
+scalars (``5e-4`` is a float, ``true``/``false`` are booleans, ``no`` is a string), and in
+overrides also Python literals (``(0.9, 0.98)``, ``None``, ``False``).
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +23,40 @@ import yaml
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the schema."""
+
+
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with the booleans and floats of YAML 1.2's core schema: PyYAML
+    follows YAML 1.1, where ``5e-4`` (no dot) is a string and ``no``, ``off`` are booleans."""
+
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+Yaml12Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+Yaml12Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+.0123456789"),
+)
+
+
+def parse_value(raw: str):
+    """An override's value: a Python literal, else a YAML 1.2 scalar, else the bare string
+    (``train.device=cpu``)."""
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        pass
+    try:
+        value = yaml.load(raw, Loader=Yaml12Loader)
+    except yaml.YAMLError:
+        return raw
+    return value if isinstance(value, (bool, int, float)) or (value is None and raw.strip()) else raw
 
 
 @dataclass(frozen=True)
@@ -189,22 +226,21 @@ def from_dict(cls, data: dict, prefix: str = ""):
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` strings to a nested dict (values via literal_eval)."""
+    """Apply ``section.key=value`` strings to a nested dict (values via :func:`parse_value`);
+    an empty section (``eval:`` with nothing under it) takes them as a missing one does."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         dotted, raw = item.split("=", 1)
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw  # a bare string such as train.device=cpu
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = value
+        node[leaf] = parse_value(raw)
     return data
 
 
@@ -214,7 +250,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise FileNotFoundError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=Yaml12Loader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     data = apply_overrides(data, overrides or [])
@@ -238,3 +274,18 @@ def to_dict(cfg) -> dict:
         return x
 
     return plain(dataclasses.asdict(cfg))
+
+
+# Model options that change no parameter: a resumed or averaged model may differ in these.
+DROPOUTS = ("dropout", "attn_dropout")
+
+
+def differences(section: str, ours: dict, theirs: dict, ignore: tuple[str, ...] = ()) -> list[tuple]:
+    """``(section.key, ours, theirs)`` for each key whose value differs between two plain dicts
+    of one section (as :func:`to_dict` writes them); a key that ``theirs`` lacks (written by an
+    older nmt_ls) is not compared."""
+    return [
+        (f"{section}.{key}", value, theirs.get(key, value))
+        for key, value in ours.items()
+        if key not in ignore and theirs.get(key, value) != value
+    ]

@@ -27,6 +27,7 @@ import sentencepiece as spm
 log = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MODEL_TYPES = ("unigram", "bpe")
 SPECIAL_PIECES = {PAD_ID: "<pad>", UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
 
 
@@ -79,7 +80,7 @@ def train_spm(
     Raises:
         ValueError: ``vocab_size`` is larger than the data allows.
     """
-    if model_type not in ("unigram", "bpe"):
+    if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
     prefix = Path(model_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)

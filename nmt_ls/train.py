@@ -33,7 +33,7 @@ from tqdm import tqdm
 from nmt_ls import checkpoint
 from nmt_ls.batching import Batch, batch_by_tokens
 from nmt_ls.binarize import MmapPairs, binarize_recipe
-from nmt_ls.config import RunConfig, to_dict
+from nmt_ls.config import DROPOUTS, RunConfig, differences, to_dict
 from nmt_ls.criterions import CRITERIONS, build_criterion, import_user_module, reduce_metrics
 from nmt_ls.data import load_splits
 from nmt_ls.distributed import World, init_world
@@ -42,14 +42,15 @@ from nmt_ls.hardware import AMP, choose_amp, cpu_capability, cpu_model, matmul_g
 from nmt_ls.inference import translate
 from nmt_ls.model import build_model
 from nmt_ls.optim import (
+    COOLDOWN_SHAPES,
+    STABLE_PHASES,
     Cadence,
     WarmupStableDecay,
     build_optimizer,
     build_scheduler,
-    check_schedule,
     plan_total_updates,
 )
-from nmt_ls.tokenizer import Tokenizer, train_spm
+from nmt_ls.tokenizer import MODEL_TYPES, Tokenizer, train_spm
 
 log = logging.getLogger(__name__)
 
@@ -154,32 +155,85 @@ class Run:
 # ---- set-up -----------------------------------------------------------------------------------
 
 
+# The range of each count, length and rate that check_config checks: key -> (least, most).
+RANGES = {
+    "data.max_len": (1, math.inf),
+    "data.valid_bleu_sentences": (0, math.inf),
+    "tokenizer.vocab_size": (1, math.inf),
+    "model.dropout": (0, 1),
+    "model.attn_dropout": (0, 1),
+    "train.update_freq": (1, math.inf),
+    "train.max_tokens": (1, math.inf),
+    "train.log_every_updates": (1, math.inf),
+    "train.max_bad_updates": (1, math.inf),
+    "train.plan_window_updates": (1, math.inf),
+    "train.cooldown_fraction": (0, 1),
+    "train.warmup_steps": (0, math.inf),
+    "train.max_updates": (0, math.inf),
+    "train.max_minutes": (0, math.inf),
+    "train.validate_every_updates": (0, math.inf),
+    "train.save_every_updates": (0, math.inf),
+    "train.patience": (0, math.inf),
+    "train.clip_norm": (0, math.inf),
+    "train.weight_decay": (0, math.inf),
+    "train.max_warmup_fraction": (0, 1),
+    "eval.beam_size": (1, math.inf),
+    "eval.max_tokens": (1, math.inf),
+}
+
+
 def check_config(cfg: RunConfig) -> None:
     """Every option that can be checked before any data work; errors name the recipe key."""
     t, c = cfg.train, cfg.criterion
-    check_schedule(t.lr_scheduler, t.max_updates, t.lr, t.end_lr)
     if t.lr_scheduler == "wsd" and t.max_updates <= 0 and t.max_minutes <= 0:
         raise ValueError("train.lr_scheduler=wsd needs train.max_updates, or train.max_minutes to plan them from")
     choices = (
         ("criterion.implementation", c.implementation, IMPLEMENTATIONS),
         ("train.amp", t.amp, AMP),
         ("train.best_metric", t.best_metric, BEST_METRICS),
+        ("train.cooldown_shape", t.cooldown_shape, COOLDOWN_SHAPES),
+        ("train.stable_phase", t.stable_phase, STABLE_PHASES),
+        ("tokenizer.model_type", cfg.tokenizer.model_type, MODEL_TYPES),
     )
     for key, value, valid in choices:
         if value not in valid:
             raise ValueError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
-    for key in ("update_freq", "max_tokens", "log_every_updates", "max_bad_updates", "plan_window_updates"):
-        if getattr(t, key) < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    if not 0.0 < t.max_warmup_fraction <= 1.0:
-        raise ValueError(f"train.max_warmup_fraction must be in (0, 1], got {t.max_warmup_fraction}")
+    for key, (least, most) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not least <= value <= most:
+            bounds = f">= {least}" if most == math.inf else f"in [{least}, {most}]"
+            raise ValueError(f"{key} must be {bounds}, got {value}")
     if t.num_threads != "auto" and not (isinstance(t.num_threads, int) and t.num_threads >= 0):
         raise ValueError(f"train.num_threads must be auto or a number of threads >= 1, got {t.num_threads!r}")
+    # The schedule and the model check the rest themselves: build them on nothing.
+    build_schedule(cfg, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.lr))
+    with torch.device("meta"):
+        build_model(cfg.tokenizer.vocab_size, 0, **dataclasses.asdict(cfg.model))
     if c.user_module:
         import_user_module(c.user_module)
     if c.name not in CRITERIONS:
         raise ValueError(f"criterion.name: unknown criterion {c.name!r}; registered: {sorted(CRITERIONS)}")
     build_criterion(**criterion_kwargs(cfg, pad_id=0))  # checks label_smoothing and smoothing
+
+
+def build_schedule(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    t = cfg.train
+    wsd = (t.cooldown_fraction, t.cooldown_shape, t.stable_phase)
+    return build_scheduler(optimizer, t.warmup_steps, t.lr_scheduler, t.max_updates, t.end_lr, *wsd)
+
+
+def check_resume(cfg: RunConfig, ckpt: dict) -> None:
+    """Before anything in ``out_dir`` is rewritten: the recipe's tokenizer and model must be the
+    checkpoint's (dropout may change)."""
+    for section in ("tokenizer", "model"):
+        differ = differences(section, to_dict(getattr(cfg, section)), ckpt["config"][section], DROPOUTS)
+        if differ:
+            raise ValueError(
+                f"--resume: the recipe's {section} differs from the checkpoint's: "
+                + ", ".join(f"{key}={ours!r} (checkpoint: {theirs!r})" for key, ours, theirs in differ)
+                + "; resume with the same recipe or start a new out_dir"
+            )
 
 
 def criterion_kwargs(cfg: RunConfig, pad_id: int) -> dict:
@@ -208,12 +262,7 @@ def load_tokenizer(cfg: RunConfig, world: World, ckpt: dict | None) -> Tokenizer
     train split (read only then)."""
     path, spec_path = Path(cfg.out_dir) / "spm.model", Path(cfg.out_dir) / "spm.json"
     spec = tokenizer_spec(cfg)
-    if world.is_main and ckpt is not None:
-        if ckpt["config"]["tokenizer"] != spec["tokenizer"]:
-            raise ValueError(
-                f"--resume: the recipe's tokenizer {spec['tokenizer']} differs from the checkpoint's "
-                f"{ckpt['config']['tokenizer']}; resume with the same recipe or start a new out_dir"
-            )
+    if world.is_main and ckpt is not None:  # its tokenizer is the recipe's (check_resume)
         checkpoint.tensor_to_spm(ckpt["spm"], path)
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
     elif world.is_main:
@@ -370,6 +419,17 @@ def num_threads(setting: int | str) -> int:
     return int(setting)
 
 
+def load_last(out_dir: Path) -> dict:
+    """The checkpoint that ``--resume`` continues from; an error naming it if there is none."""
+    path = out_dir / "checkpoint_last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--resume: no checkpoint to resume from: {path} (the run stopped before its first save?); "
+            "run without --resume to start anew"
+        )
+    return checkpoint.load(path)
+
+
 def setup(cfg: RunConfig, resume: bool, test_sentences: int = 0) -> Run:
     """Process group, data, tokenizer, model, criterion, optimizer and schedule; with
     ``resume``, their states and the progress from ``out_dir/checkpoint_last.pt``; then the
@@ -381,8 +441,9 @@ def setup(cfg: RunConfig, resume: bool, test_sentences: int = 0) -> Run:
     world = init_world(t.device)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    last_path = out_dir / "checkpoint_last.pt"
-    ckpt = checkpoint.load(last_path) if resume and last_path.exists() else None
+    ckpt = load_last(out_dir) if resume else None
+    if ckpt is not None:
+        check_resume(cfg, ckpt)
     random.seed(t.seed)
     torch.manual_seed(t.seed)
 
@@ -392,8 +453,7 @@ def setup(cfg: RunConfig, resume: bool, test_sentences: int = 0) -> Run:
     model = build_model(tok.vocab_size, tok.pad_id, **dataclasses.asdict(cfg.model)).to(world.device)
     criterion = build_criterion(**criterion_kwargs(cfg, tok.pad_id))
     optimizer = build_optimizer(model, t.lr, t.betas, t.adam_eps, t.weight_decay)
-    wsd = (t.cooldown_fraction, t.cooldown_shape, t.stable_phase)
-    scheduler = build_scheduler(optimizer, t.warmup_steps, t.lr_scheduler, t.max_updates, t.end_lr, *wsd)
+    scheduler = build_schedule(cfg, optimizer)
     # The chunked path takes decoder features, not logits; DDP must wrap what runs forward.
     forward_model = world.wrap(DecoderFeatures(model) if cfg.criterion.implementation == "chunked" else model)
     writer = tensorboard_writer(out_dir) if world.is_main else None
@@ -439,12 +499,23 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def truncate_log(path: Path, update: int) -> None:
-    """On resume: keep only log records up to the checkpoint's update (rewritten atomically)."""
+    """On resume: keep only log records up to the checkpoint's update (rewritten atomically).
+    A torn last line (a crash in the middle of writing it) is dropped with a warning; any other
+    line that is not a JSON record is an error naming the file and line."""
     if not path.exists():
         return
-    kept = [
-        line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["update"] <= update
-    ]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line else None
+        except json.JSONDecodeError as e:
+            if lineno < len(lines):
+                raise ValueError(f"{path}:{lineno}: not a JSON record ({e})") from None
+            log.warning("%s:%d: dropped a torn last line (%s): %r", path, lineno, e, line)
+            continue
+        if record is not None and record["update"] <= update:
+            kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)

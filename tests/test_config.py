@@ -81,3 +81,30 @@ def test_bad_override_and_missing_recipe(tmp_path):
 def test_to_dict_round_trips():
     cfg = load_recipe(SMOKE)
     assert to_dict(cfg)["train"]["betas"] == [0.9, 0.98]
+
+
+def test_an_empty_section_takes_overrides(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\neval:\n")
+    assert load_recipe(p, ["eval.beam_size=3"]).eval.beam_size == 3
+
+
+def test_yaml_reads_floats_and_booleans_as_yaml_1_2(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(
+        "train:\n  lr: 5e-4\n  adam_eps: 1e-8\n  end_lr: 1.E-5\nmodel:\n  pre_norm: false\ndata:\n  src_lang: no\n"
+    )
+    cfg = load_recipe(p)
+    assert cfg.train.lr == 0.0005 and cfg.train.adam_eps == 1e-8 and cfg.train.end_lr == 1e-5
+    assert cfg.model.pre_norm is False
+    assert cfg.data.src_lang == "no"  # Norwegian, not YAML 1.1's False
+
+
+def test_overrides_take_yaml_spellings():
+    cfg = load_recipe(
+        SMOKE,
+        ["model.pre_norm=false", "model.tie_embeddings=true", "criterion.report_accuracy=true", "data.path=null"],
+    )
+    assert cfg.model.pre_norm is False and cfg.model.tie_embeddings is True
+    assert cfg.criterion.report_accuracy is True and cfg.data.path is None
+    assert load_recipe(SMOKE, ["criterion.report_accuracy=False", "data.src_lang=no"]).data.src_lang == "no"

@@ -4,6 +4,7 @@ options that must fail before any data work. Each test failed before its fix."""
 
 import json
 import re
+import shutil
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,7 +115,8 @@ def test_stale_sentencepiece_model_is_retrained(tmp_path):
     assert load_for_inference(out / "checkpoint_last.pt")[1].vocab_size == 500
     train(load_recipe(SMOKE_RECIPE, overrides(out, *FAST, "train.max_updates=1", "tokenizer.vocab_size=400")))
     assert load_for_inference(out / "checkpoint_last.pt")[1].vocab_size == 400
-    with pytest.raises(ValueError, match="--resume: the recipe's tokenizer .* differs from the checkpoint's"):
+    differ = r"the recipe's tokenizer differs from the checkpoint's: tokenizer.vocab_size=500 \(checkpoint: 400\)"
+    with pytest.raises(ValueError, match="--resume: " + differ):
         train(load_recipe(SMOKE_RECIPE, overrides(out, *FAST, "train.max_updates=2")), resume=True)
 
 
@@ -128,11 +130,22 @@ def test_stale_sentencepiece_model_is_retrained(tmp_path):
         ("criterion.smoothing='gaussian'", r"smoothing must be one of .*, got 'gaussian'"),
         ("criterion.name='focal'", r"criterion.name: unknown criterion 'focal'"),
         ("criterion.path='fused'", r"criterion.path was renamed to criterion.implementation"),
+        ("train.cooldown_shape='cubic'", r"train.cooldown_shape must be one of linear, 1-sqrt, got 'cubic'"),
+        ("train.cooldown_fraction=1.5", r"train.cooldown_fraction must be in \[0, 1\], got 1.5"),
+        ("train.stable_phase='flat'", r"train.stable_phase must be one of constant, inverse_sqrt, got 'flat'"),
+        ("train.lr_scheduler='wsd' train.cooldown_fraction=0.99", r"at update 0, inside train.warmup_steps=20"),
+        ("model.n_heads=3", r"d_model=64 is not divisible by n_heads=3"),
+        ("model.positions='rotary'", r"positions must be 'sinusoidal' or 'learned', got 'rotary'"),
+        ("tokenizer.model_type='word'", r"tokenizer.model_type must be one of unigram, bpe, got 'word'"),
+        ("train.plan_window_updates=0", r"train.plan_window_updates must be >= 1, got 0"),
+        ("train.warmup_steps=-1", r"train.warmup_steps must be >= 0, got -1"),
+        ("eval.beam_size=0", r"eval.beam_size must be >= 1, got 0"),
+        ("data.valid_bleu_sentences=-3", r"data.valid_bleu_sentences must be >= 0, got -3"),
     ],
 )
 def test_bad_options_fail_before_any_data_work(tmp_path, capsys, override, match):
     # The data folder does not exist: an option error must come first.
-    args = overrides(tmp_path / "run", override) + [f"data.dir={str(tmp_path / 'missing')!r}"]
+    args = overrides(tmp_path / "run", *override.split()) + [f"data.dir={str(tmp_path / 'missing')!r}"]
     assert main(["train", SMOKE_RECIPE, *args]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -198,3 +211,76 @@ def test_wsd_plan_ends_its_cooldown_at_the_budget(tmp_path, monkeypatch, max_min
     lrs = [r["lr"] for r in read_log(tmp_path / "run") if r["kind"] == "train"]
     assert lrs[-1] == pytest.approx(cfg.train.lr / round(0.2 * summary["updates"]), rel=1e-9)  # the last step of it
     assert checkpoint.load(summary["checkpoint_last"])["planned_updates"] == summary["updates"]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A finished 3-update run (d_model 32, a train line per update) to copy and resume."""
+    out = tmp_path_factory.mktemp("small") / "run"
+    train(load_recipe(SMOKE_RECIPE, overrides(out, *FAST, "model.d_model=32", "train.max_updates=3")))
+    return out
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("tensorboard", "train.log"))
+    return dst
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_resume_without_a_checkpoint_is_an_error_and_keeps_the_log(small_run, tmp_path, capsys):
+    out = copy_run(small_run, tmp_path / "run")
+    (out / "checkpoint_last.pt").unlink()
+    log_before = (out / "train_log.jsonl").read_text()
+    args = overrides(out, *FAST, "model.d_model=32", "train.max_updates=5")
+    assert main(["train", SMOKE_RECIPE, *args, "--resume"]) == 2
+    err = one_line_error(capsys)
+    assert f"--resume: no checkpoint to resume from: {out / 'checkpoint_last.pt'}" in err
+    assert (out / "train_log.jsonl").read_text() == log_before
+
+
+def test_resume_with_another_model_shape_names_the_keys_and_rewrites_nothing(small_run, tmp_path, capsys):
+    out = copy_run(small_run, tmp_path / "run")
+    config_before = (out / "config.yaml").read_text()
+    args = overrides(out, *FAST, "model.d_model=48", "model.ffn_dim=64", "train.max_updates=5")
+    assert main(["train", SMOKE_RECIPE, *args, "--resume"]) == 2
+    err = one_line_error(capsys)
+    assert "the recipe's model differs from the checkpoint's: model.d_model=48 (checkpoint: 32), " in err
+    assert "model.ffn_dim=64 (checkpoint: 128)" in err
+    assert (out / "config.yaml").read_text() == config_before
+
+
+def test_average_of_different_models_names_the_keys(small_run, tmp_path, capsys):
+    ckpt = checkpoint.load(small_run / "checkpoint_last.pt")
+    wide = dict(ckpt, config={**ckpt["config"], "model": {**ckpt["config"]["model"], "d_model": 48}})
+    wide["model"] = build_model(500, 0, **wide["config"]["model"]).state_dict()
+    checkpoint.atomic_save(wide, tmp_path / "wide.pt")
+    paths = [str(small_run / "checkpoint_last.pt"), str(tmp_path / "wide.pt")]
+    assert main(["average", *paths, "--out", str(tmp_path / "avg.pt")]) == 2
+    err = one_line_error(capsys)
+    assert f"{paths[1]}: its model differs from {paths[0]}'s: model.d_model=48 (not 32); cannot average" in err
+    assert not (tmp_path / "avg.pt").exists()
+
+
+def test_resume_drops_a_torn_last_log_line_and_names_any_other_bad_line(small_run, tmp_path, caplog):
+    out = copy_run(small_run, tmp_path / "run")
+    log_path = out / "train_log.jsonl"
+    lines = log_path.read_text().splitlines(keepends=True)
+    log_path.write_text("".join(lines[:-1]) + lines[-1][:40])  # a crash in the middle of the last write
+    args = overrides(out, *FAST, "model.d_model=32", "train.max_updates=4")
+    with caplog.at_level("WARNING", logger="nmt_ls.train"):
+        summary = train(load_recipe(SMOKE_RECIPE, args), resume=True)
+    assert summary["updates"] == 4
+    assert f"{log_path}:{len(lines)}: dropped a torn last line" in caplog.text
+    records = read_log(out)
+    assert records[: len(lines) - 1] == [json.loads(line) for line in lines[:-1]]
+    assert [r["update"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+
+    text = log_path.read_text().splitlines(keepends=True)
+    log_path.write_text(text[0] + "{oops\n" + "".join(text[1:]))
+    with pytest.raises(ValueError, match=re.escape(f"{log_path}:2: not a JSON record (Expecting")):
+        train(load_recipe(SMOKE_RECIPE, overrides(out, *FAST, "model.d_model=32", "train.max_updates=5")), resume=True)

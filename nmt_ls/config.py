@@ -104,6 +104,9 @@ class TrainConfig:
     max_bad_updates: int = 5  # consecutive non-finite losses tolerated before stopping
     num_threads: int = 0  # 0: torch's default
     device: str = "auto"  # auto | cpu | cuda
+    # torchrun: a collective waits this long for the other workers (e.g. while rank 0 validates);
+    # the wait for rank 0's set-up (corpus, tokenizer, binarizing) does not count (distributed.SETUP_TIMEOUT)
+    dist_timeout_minutes: float = 30.0
     amp: str = "none"  # none | bf16 (autocast; the loss is computed in float32)
 
 

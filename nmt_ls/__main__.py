@@ -72,7 +72,7 @@ def cmd_run(args) -> int:
     """The main job: prepare the data, train, score the test split, plot the curves."""
     from nmt_ls.config import load_recipe, to_dict
     from nmt_ls.data import load_splits
-    from nmt_ls.distributed import resolve_device
+    from nmt_ls.distributed import is_main_process, resolve_device
     from nmt_ls.inference import score_test_split
     from nmt_ls.plot import plot_log
     from nmt_ls.train import train
@@ -83,6 +83,8 @@ def cmd_run(args) -> int:
     _setup_logging(out_dir)
     test = load_splits(cfg.data, splits=("test",))["test"]  # prepares the corpus if it must
     summary = train(cfg, resume=args.resume, started=start, test_sentences=len(test))
+    if not is_main_process():  # under torchrun, rank 0 alone decodes the test split, writes and prints
+        return 0
     scores = score_test_split(
         summary["checkpoint_best"],
         [s for s, _ in test],

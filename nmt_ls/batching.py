@@ -219,3 +219,14 @@ def shard(batches: list, rank: int, world_size: int, drop_last: bool = True) -> 
     elif remainder:
         batches = batches + batches[: world_size - remainder]
     return batches[rank::world_size]
+
+
+def update_size(n_batches: int, done: int, world_size: int, update_freq: int) -> int:
+    """How many of an epoch's ``n_batches`` the next update trains on, all workers together,
+    once its first ``done`` are trained: ``update_freq`` batches per worker (fewer at the
+    epoch's end), a multiple of ``world_size``; 0 when fewer than ``world_size`` are left (that
+    tail is dropped, as ``shard`` drops it). The update's batches are
+    ``batches[done : done + n]``, worker r's the ``shard`` of them; so a run resumed on another
+    number of workers goes on at batch ``done``, the first that no worker has trained."""
+    left = n_batches - done
+    return min(update_freq * world_size, left - left % world_size)

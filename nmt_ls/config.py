@@ -144,6 +144,9 @@ class TrainConfig:
     max_bad_updates: int = 5  # consecutive non-finite losses tolerated before stopping
     num_threads: int | str = "auto"  # auto (or 0): the cores this process may use, shared by its local workers
     device: str = "auto"  # auto | cpu | cuda
+    # torchrun: a collective waits this long for the other workers (e.g. while rank 0 validates);
+    # the wait for rank 0's set-up (corpus, tokenizer, binarizing) does not count (distributed.SETUP_TIMEOUT)
+    dist_timeout_minutes: float = 30.0
     # auto: bf16 on CUDA where supported; on a CPU float32 unless bf16 is native and a probe of the run's model
     # and batches shows it faster (logged with its reason); none: float32; bf16: autocast, the loss in float32
     amp: str = "auto"

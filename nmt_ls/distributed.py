@@ -3,18 +3,25 @@
 One process trains on CPU or one GPU. Under ``torchrun`` each worker joins the process group
 (gloo on CPU, nccl on GPU) and :class:`World` carries its rank; with one worker every
 collective is the identity, so the loop reads the same either way.
+
+Collectives time out after ``train.dist_timeout_minutes``; the wait for rank 0's set-up
+(preparing the corpus, training the tokenizer, binarizing) does not: it runs in a gloo group
+of its own with a limit of days (``SETUP_TIMEOUT``), since torchrun ends every worker if rank 0 fails.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from nmt_ls.batching import shard
+
+SETUP_TIMEOUT = timedelta(days=7)  # the set-up wait's limit: none in practice
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,6 +44,7 @@ class World:
     rank: int
     world_size: int
     device: torch.device
+    setup_group: object = None  # the gloo group that waits for rank 0's set-up (several workers)
 
     @property
     def is_main(self) -> bool:
@@ -54,9 +62,11 @@ class World:
         """True on every worker if it is true on one (workers' clocks and data differ)."""
         return bool(self.all_reduce_sum([float(flag)])[0])
 
-    def barrier(self) -> None:
+    def wait_for_setup(self) -> None:
+        """Every worker waits here until rank 0's set-up work is done, however long it takes:
+        this wait does not count against ``train.dist_timeout_minutes``."""
         if self.world_size > 1:
-            dist.barrier()
+            dist.barrier(group=self.setup_group)
 
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every worker (small objects only: it is pickled)."""
@@ -75,7 +85,7 @@ class World:
         return out
 
     def shard(self, batches: list) -> list:
-        """This worker's share of an epoch's batches (all workers get the same count)."""
+        """This worker's share of ``batches`` (an update's, all workers'; every worker gets as many)."""
         return shard(batches, self.rank, self.world_size)
 
     def wrap(self, module: nn.Module) -> nn.Module:
@@ -83,8 +93,9 @@ class World:
         return nn.parallel.DistributedDataParallel(module) if self.world_size > 1 else module
 
 
-def init_world(device_name: str) -> World:
-    """Join the torchrun process group if there is one (WORLD_SIZE > 1)."""
+def init_world(device_name: str, timeout_minutes: float) -> World:
+    """Join the torchrun process group if there is one (WORLD_SIZE > 1); its collectives time
+    out after ``timeout_minutes``."""
     device = resolve_device(device_name)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
@@ -92,5 +103,12 @@ def init_world(device_name: str) -> World:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return World(dist.get_rank(), dist.get_world_size(), device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    setup_group = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
+    return World(dist.get_rank(), dist.get_world_size(), device, setup_group)
+
+
+def is_main_process() -> bool:
+    """True in a single process and in rank 0 of a process group (after training has joined it)."""
+    return not dist.is_initialized() or dist.get_rank() == 0

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nmt_ls import checkpoint
-from nmt_ls.batching import Batch, batch_by_tokens
+from nmt_ls.batching import Batch, batch_by_tokens, update_size
 from nmt_ls.binarize import MmapPairs, binarize_recipe
 from nmt_ls.config import DROPOUTS, RunConfig, differences, to_dict
 from nmt_ls.criterions import CRITERIONS, build_criterion, import_user_module, reduce_metrics
@@ -73,7 +73,9 @@ class Progress:
 
     update: int = 0
     epoch: int = 0  # finished epochs
-    batch_index: int = 0  # this worker's batches of the current epoch already trained on
+    # the current epoch's batches trained on by all workers together: the next update starts at
+    # this index of the epoch's batch order, which is the same for any number of workers
+    global_batch: int = 0
     best: float | None = None  # best validation value (BLEU, or -ppl)
     bad_validations: int = 0  # validations in a row without improvement
     validated_at: int = -1  # update of the last validation
@@ -114,7 +116,7 @@ class Run:
     progress: Progress
     writer: object | None = None
     test_sentences: int = 0  # sentences that `nmt-ls run` decodes after training: their time is reserved
-    epoch_batches: int = 0  # this worker's batches in the current epoch
+    epoch_batches: int = 0  # the current epoch's batches, all workers' together
     clock: float = 0.0  # time.time() at which the run, all its processes together, would have started
     timing: Timing = field(default_factory=Timing)
     window: list[dict] = field(default_factory=list)  # update results since the last train line
@@ -206,6 +208,8 @@ def check_config(cfg: RunConfig) -> None:
             raise ValueError(f"{key} must be {bounds}, got {value}")
     if t.num_threads != "auto" and not (isinstance(t.num_threads, int) and t.num_threads >= 0):
         raise ValueError(f"train.num_threads must be auto or a number of threads >= 1, got {t.num_threads!r}")
+    if t.dist_timeout_minutes <= 0:
+        raise ValueError(f"train.dist_timeout_minutes must be > 0, got {t.dist_timeout_minutes}")
     # The schedule and the model check the rest themselves: build them on nothing.
     build_schedule(cfg, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.lr))
     with torch.device("meta"):
@@ -279,7 +283,7 @@ def load_tokenizer(cfg: RunConfig, world: World, ckpt: dict | None) -> Tokenizer
                 model_type=t.model_type,
             )
             spec_path.write_text(json.dumps(spec), encoding="utf-8")
-    world.barrier()
+    world.wait_for_setup()
     return Tokenizer(path)
 
 
@@ -288,7 +292,7 @@ def open_data(cfg: RunConfig, tok: Tokenizer, world: World) -> dict[str, MmapPai
     missing or stale) and memory-mapped by every worker: nothing is broadcast."""
     if world.is_main:
         binarize_recipe(cfg, tok.model_path)
-    world.barrier()
+    world.wait_for_setup()
     return binarize_recipe(cfg, tok.model_path, build=False)
 
 
@@ -322,10 +326,20 @@ def restore(ckpt: dict | None, run: Run) -> None:
         return
     checkpoint.restore_training(ckpt, run.model, run.optimizer, run.scheduler, world.rank, world.world_size)
     run.progress = Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress) if f.name in ckpt})
+    saved_by = len(ckpt["rng"]) if isinstance(ckpt["rng"], list) else 1  # the workers that saved it
+    if "batch_index" in ckpt:  # before global_batch: each of the saved_by workers' batches, as many each
+        run.progress.global_batch = ckpt["batch_index"] * saved_by
     if world.is_main:
         truncate_log(log_path, run.progress.update)
         p = run.progress
-        log.info("resumed at update %d (epoch %d, batch %d)", p.update, p.epoch, p.batch_index)
+        log.info(
+            "resumed at update %d (epoch %d, batch %d of the epoch; saved by %d worker(s), %d now)",
+            p.update,
+            p.epoch,
+            p.global_batch,
+            saved_by,
+            world.world_size,
+        )
     apply_schedule_changes(run, ckpt["config"]["train"])
 
 
@@ -438,7 +452,7 @@ def setup(cfg: RunConfig, resume: bool, test_sentences: int = 0) -> Run:
     threads = num_threads(t.num_threads)
     torch.set_num_threads(threads)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, num_threads=threads))
-    world = init_world(t.device)
+    world = init_world(t.device, t.dist_timeout_minutes)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = load_last(out_dir) if resume else None
@@ -773,10 +787,12 @@ def plan_updates(run: Run) -> None:
     p.elapsed = time.time() - run.clock
     if not p.validation_s or (run.test_sentences and not p.beam_ratio):
         probe_decoding(run)
-    epoch_updates = math.ceil(run.epoch_batches / t.update_freq)
-    epoch_left = math.ceil((run.epoch_batches - p.batch_index) / t.update_freq)
-    cadence = Cadence(t.validate_every_updates, epoch_updates, p.update + epoch_left, p.validated_at)
-    max_total = p.update + epoch_left + (t.max_epochs - p.epoch - 1) * epoch_updates
+    per_epoch, epoch_left = (
+        epoch_updates(run, run.epoch_batches),
+        epoch_updates(run, run.epoch_batches - p.global_batch),
+    )
+    cadence = Cadence(t.validate_every_updates, per_epoch, p.update + epoch_left, p.validated_at)
+    max_total = p.update + epoch_left + (t.max_epochs - p.epoch - 1) * per_epoch
     seconds_left = PLAN_TARGET * 60 * t.max_minutes - run.reserve_s() - p.elapsed
     total = plan_total_updates(seconds_left, p.update_s, p.update, cadence, p.validation_s, max_total)
     total = run.world.broadcast(total)
@@ -856,14 +872,21 @@ def skip_bad_update(run: Run, bad_updates: int) -> None:
         )
 
 
+def epoch_updates(run: Run, n_batches: int) -> int:
+    """Updates in an epoch of ``n_batches`` (all workers' together)."""
+    return n_batches // (run.cfg.train.update_freq * run.world.world_size)
+
+
 def after_update(run: Run, result: dict, n_batches: int) -> dict | None:
-    """Log, validate, plan and save as the recipe says, after update ``run.progress.update``;
-    returns the train record if one was written."""
-    t, p = run.cfg.train, run.progress
+    """Log, validate, plan and save as the recipe says, after update ``run.progress.update``
+    of an epoch of ``n_batches``; returns the train record if one was written."""
+    t, p, world = run.cfg.train, run.progress, run.world
     record = None
     run.window.append(result)
-    if run.world.is_main and (p.update % t.log_every_updates == 0 or p.batch_index >= n_batches):
-        record = log_train(run, run.window, time.time() - run.window_start, p.batch_index / n_batches)
+    epoch_end = update_size(n_batches, p.global_batch, world.world_size, t.update_freq) == 0
+    if world.is_main and (p.update % t.log_every_updates == 0 or epoch_end):
+        epoch_fraction = 1.0 if epoch_end else p.global_batch / n_batches
+        record = log_train(run, run.window, time.time() - run.window_start, epoch_fraction)
         run.window, run.window_start = [], time.time()
     if t.validate_every_updates and p.update % t.validate_every_updates == 0:
         validate_and_save(run)
@@ -873,23 +896,28 @@ def after_update(run: Run, result: dict, n_batches: int) -> dict | None:
 
 
 def train_epoch(run: Run, batches: list) -> str | None:
-    """Train on this worker's ``batches`` from ``progress.batch_index`` on, until the epoch
-    ends or :func:`stop_reason` says stop (returned)."""
-    t, p, tok = run.cfg.train, run.progress, run.tok
+    """Train on the epoch's ``batches`` (all workers', in the same order on each) from
+    ``progress.global_batch`` on, each worker on its shard of every update's batches
+    (:func:`~nmt_ls.batching.update_size`), until the epoch ends (None) or :func:`stop_reason`
+    says stop (returned)."""
+    t, p, tok, world = run.cfg.train, run.progress, run.tok, run.world
+    per_update = t.update_freq * world.world_size
     bar = tqdm(
-        total=math.ceil(len(batches) / t.update_freq),
-        initial=p.batch_index // t.update_freq,
+        total=math.ceil(len(batches) / per_update),
+        initial=p.global_batch // per_update,
         desc=f"epoch {p.epoch + 1}",
-        disable=not run.world.is_main,
+        disable=not world.is_main,
         mininterval=2.0,
         unit="upd",
     )
     reason = None
-    while p.batch_index < len(batches) and (reason := stop_reason(run)) is None:
-        group = batches[p.batch_index : p.batch_index + t.update_freq]
+    while (n := update_size(len(batches), p.global_batch, world.world_size, t.update_freq)) and (
+        reason := stop_reason(run)
+    ) is None:
+        group = world.shard(batches[p.global_batch : p.global_batch + n])
         step_start = time.time()
         result = train_step(run, [run.train_data.batch(idx, tok.pad_id, tok.bos_id, tok.eos_id) for idx in group])
-        p.batch_index += len(group)
+        p.global_batch += n
         p.elapsed = time.time() - run.clock
         bar.update(1)
         run.bad_updates = 0 if result else run.bad_updates + 1
@@ -922,16 +950,18 @@ def train(cfg: RunConfig, resume: bool = False, started: float | None = None, te
     run.model.train()
     while (reason := stop_reason(run)) is None:
         lens = (run.train_data.src_lens, run.train_data.tgt_lens)
-        batches = run.world.shard(batch_by_tokens(*lens, t.max_tokens, seed=t.seed, epoch=p.epoch, shuffle=True))
+        batches = batch_by_tokens(*lens, t.max_tokens, seed=t.seed, epoch=p.epoch, shuffle=True)
+        if len(batches) < run.world.world_size:
+            n, k = len(batches), run.world.world_size
+            raise ValueError(f"train.max_tokens={t.max_tokens} makes {n} batches an epoch, too few for {k} workers")
         run.epoch_batches = len(batches)
         plan_updates(run)  # from the rate measured so far (e.g. the checkpoint's), for this epoch's length
         reason = train_epoch(run, batches)
-        if p.batch_index >= len(batches):  # the epoch is over, whatever its last update did
-            p.epoch, p.batch_index = p.epoch + 1, 0
-            if p.validated_at != p.update:
-                validate_and_save(run)
-        elif reason is not None:
+        if reason is not None:
             break
+        p.epoch, p.global_batch = p.epoch + 1, 0  # the epoch is over, whatever its last update did
+        if p.validated_at != p.update:
+            validate_and_save(run)
     if p.validated_at != p.update:
         validate_and_save(run)
     if run.writer:

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nmt_ls.batching import Batch, batch_by_tokens, collate, shard
+from nmt_ls.batching import Batch, batch_by_tokens, collate, shard, update_size
 
 PAD, BOS, EOS = 0, 2, 3
 
@@ -174,6 +174,23 @@ def test_shard_equal_counts(n_batches, world_size):
     padded = [shard(batches, r, world_size, drop_last=False) for r in range(world_size)]
     assert len({len(s) for s in padded}) == 1
     assert {b[0] for s in padded for b in s} == set(range(n_batches))
+
+
+def test_resume_on_other_world_sizes_trains_each_batch_once():
+    """2 workers train 2 updates, then 1 worker 1 update, then 3 workers the rest of the epoch
+    (update_freq 2): every batch is trained once, in the epoch's order, but for the last one,
+    which cannot feed 3 workers (before, progress counted one worker's batches)."""
+    batches, done, trained, shards = list(range(23)), 0, [], []
+    for world_size, updates in ((2, 2), (1, 1), (3, -1)):
+        while updates and (n := update_size(len(batches), done, world_size, update_freq=2)):
+            shards.append([shard(batches[done : done + n], r, world_size) for r in range(world_size)])
+            trained += sorted(b for worker in shards[-1] for b in worker)
+            done, updates = done + n, updates - 1
+    assert shards[0] == [[0, 2], [1, 3]]  # as one worker accumulating batches 0-3
+    assert shards[2] == [[8, 9]]
+    assert shards[3] == [[10, 13], [11, 14], [12, 15]]
+    assert trained == list(range(22))
+    assert update_size(len(batches), 22, 3, 2) == 0 and update_size(len(batches), 22, 1, 2) == 1
 
 
 def test_shard_bad_arguments():

@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from nmt_ls import checkpoint
+from nmt_ls.config import load_recipe
+from nmt_ls.train import check_config
 
-from conftest import ROOT
+from conftest import FIXTURE, ROOT
 from conftest import overrides as smoke_overrides
 
 # Two gloo workers training with nmt_ls; the recipe and its overrides follow.
@@ -39,8 +41,8 @@ def overrides(out_dir: Path, *extra: str) -> list[str]:
     )
 
 
-def run(cmd: list[str], timeout=240):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def run(cmd: list[str], timeout=240, env: dict | None = None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -100,3 +102,81 @@ def test_two_worker_resume_with_dropout_is_exact(tmp_path):
     assert [r["update"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6), ra["update"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_resume_on_another_number_of_workers_goes_on_at_the_next_batch(tmp_path):
+    """2 workers (update 1), then 1 worker (update 2), then 2 workers again (update 3) train the
+    updates of one worker accumulating 2 batches: each resume starts at the first batch of the
+    epoch that no worker has trained (before, 2->1 repeated batch 1 and 1->2 skipped 4-5)."""
+    recipe = str(ROOT / "recipes" / "smoke.yaml")
+    one, cut = tmp_path / "one", tmp_path / "cut"
+    single = [sys.executable, "-m", "nmt_ls", "train", recipe]
+    run([*single, *overrides(one, "train.update_freq=2", "train.max_updates=3")])
+    cut.mkdir()
+    for name in ("spm.model", "spm.json"):
+        shutil.copy(one / name, cut / name)
+    run([*TORCHRUN, recipe, *overrides(cut, "train.max_updates=1")])
+    run([*single, *overrides(cut, "train.update_freq=2", "train.max_updates=2"), "--resume"])
+    run([*TORCHRUN, recipe, *overrides(cut, "train.max_updates=3"), "--resume"])
+    a = [r for r in train_log(one) if r["kind"] == "train"]
+    b = [r for r in train_log(cut) if r["kind"] == "train"]
+    assert [r["update"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["wpb"] == rb["wpb"], ra["update"]  # the same batches
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5), ra["update"]
+    assert checkpoint.load(cut / "checkpoint_last.pt")["global_batch"] == 6
+    wa = checkpoint.load(one / "checkpoint_last.pt")["model"]
+    wb = checkpoint.load(cut / "checkpoint_last.pt")["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5)
+
+
+# A corpus whose preparation (rank 0's, before the tokenizer) outlasts the collective timeout.
+SLOW_CORPUS = """
+import shutil, time
+from pathlib import Path
+from nmt_ls.data import register_corpus
+
+@register_corpus("slow_copy")
+def prepare(d):
+    out, fixture = Path(d.dir), Path({fixture!r})
+    if out.exists():
+        return
+    time.sleep({seconds})
+    out.mkdir()
+    for name in ("train.en", "train.de", "valid.en", "valid.de"):
+        shutil.copy(fixture / name, out / name)
+    for lang in ("en", "de"):  # ten test lines keep decoding short
+        lines = (fixture / f"test.{{lang}}").read_text().splitlines(keepends=True)
+        (out / f"test.{{lang}}").write_text("".join(lines[:10]))
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_run_under_torchrun_outlasts_a_slow_setup_and_reports_once(tmp_path):
+    """Rank 0 prepares the corpus for 8 s while rank 1 waits, under a 6 s collective timeout;
+    then rank 0 alone decodes the test split and prints the summary (before: the wait timed out,
+    and every rank decoded, wrote and printed)."""
+    (tmp_path / "slow_corpus.py").write_text(SLOW_CORPUS.format(fixture=str(FIXTURE), seconds=8))
+    out = tmp_path / "run"
+    args = overrides(
+        out,
+        f"data.dir={str(tmp_path / 'corpus')!r}",
+        "data.corpus=slow_copy",
+        "criterion.user_module=slow_corpus",
+        "train.max_updates=2",
+        "train.dist_timeout_minutes=0.1",
+        "eval.beam_size=2",
+    )
+    cmd = [*TORCHRUN[:-1], "run", str(ROOT / "recipes" / "smoke.yaml"), *args]
+    proc = run(cmd, env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert proc.stdout.count("test BLEU") == 1
+    assert len((out / "test.beam.de").read_text().splitlines()) == 10
+    assert json.loads((out / "summary.json").read_text())["train"]["updates"] == 2
+
+
+def test_dist_timeout_must_be_positive():
+    cfg = load_recipe(str(ROOT / "recipes" / "smoke.yaml"), ["train.dist_timeout_minutes=0"])
+    with pytest.raises(ValueError, match=r"train.dist_timeout_minutes must be > 0, got 0"):
+        check_config(cfg)

@@ -636,8 +636,21 @@ def corpus_source(d) -> str:
     the ``datasets`` path or hub name."""
     if d.corpus in CORPORA:
         CORPORA[d.corpus](d)
-    source = d.dir if d.corpus == "files" or d.corpus in CORPORA else (d.path or d.hub_name)
+    source = d.dir if _is_local(d) else (d.path or d.hub_name)
     return os.path.expanduser(source) if source else source
+
+
+def _is_local(d) -> bool:
+    """True if a recipe's corpus is read from ``data.dir`` (not through ``datasets``)."""
+    return d.corpus == "files" or d.corpus in CORPORA
+
+
+def recipe_files(d, split: str) -> list[dict]:
+    """``file_identities`` of a recipe's split (``d`` a ``config.DataConfig``), as its cache key
+    holds them: what the tokenizer is keyed on too."""
+    source, local = corpus_source(d), _is_local(d)
+    fmt = infer_format(source, d.src_lang, d.tgt_lang, split) if local else "hf"
+    return file_identities(source, d.src_lang, d.tgt_lang, split, fmt, None if local else d.data_files)
 
 
 def binarize_recipe(
@@ -653,8 +666,7 @@ def binarize_recipe(
     from nmt_ls.data import load_splits
 
     d = cfg.data
-    source = corpus_source(d)
-    local = d.corpus == "files" or d.corpus in CORPORA
+    source, local = corpus_source(d), _is_local(d)
     # what names a datasets corpus beyond its path; part of the key through ``config``
     config = d.hub_config if local else json.dumps([d.hub_config, d.data_files], sort_keys=True)
     cache_dir = Path(cache_dir) if cache_dir is not None else Path(cfg.out_dir) / "data-bin"

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from nmt_ls import checkpoint
 from nmt_ls.batching import Batch, batch_by_tokens
-from nmt_ls.binarize import MmapPairs, binarize_recipe
+from nmt_ls.binarize import MmapPairs, binarize_recipe, recipe_files
 from nmt_ls.config import RunConfig, to_dict
 from nmt_ls.criterions import CRITERIONS, build_criterion, import_user_module, reduce_metrics
 from nmt_ls.data import load_splits
@@ -157,17 +157,19 @@ def criterion_kwargs(cfg: RunConfig, pad_id: int) -> dict:
 
 
 def tokenizer_spec(cfg: RunConfig) -> dict:
-    """What ``spm.model`` is trained from: the tokenizer options and the training data."""
+    """What ``spm.model`` is trained from: the tokenizer options, the data settings and the train
+    split's files (path, size, mtime), the identity that its binarized cache is keyed on."""
     data = {k: v for k, v in to_dict(cfg.data).items() if k != "valid_bleu_sentences"}
-    return {"tokenizer": to_dict(cfg.tokenizer), "data": data}
+    train_files = recipe_files(cfg.data, cfg.data.train_split)
+    return {"tokenizer": to_dict(cfg.tokenizer), "data": data, "train_files": train_files}
 
 
 def load_tokenizer(cfg: RunConfig, world: World, ckpt: dict | None) -> Tokenizer:
     """The run's sentencepiece model: the checkpoint's when resuming; else ``spm.model`` in
-    ``out_dir`` if it was trained from the same options and data, else trained anew on the
+    ``out_dir`` if it was trained from the same options and train files, else trained anew on the
     train split (read only then)."""
     path, spec_path = Path(cfg.out_dir) / "spm.model", Path(cfg.out_dir) / "spm.json"
-    spec = tokenizer_spec(cfg)
+    spec = tokenizer_spec(cfg) if world.is_main else None  # may prepare the corpus: once
     if world.is_main and ckpt is not None:
         if ckpt["config"]["tokenizer"] != spec["tokenizer"]:
             raise ValueError(
@@ -180,7 +182,8 @@ def load_tokenizer(cfg: RunConfig, world: World, ckpt: dict | None) -> Tokenizer
         old = json.loads(spec_path.read_text(encoding="utf-8")) if spec_path.exists() and path.exists() else None
         if old != spec:
             if path.exists():
-                log.info("retraining %s: it was trained from %s, the recipe asks for %s", path, old, spec)
+                changed = ", ".join(k for k in spec if old is None or old.get(k) != spec[k])
+                log.info("retraining %s: its %s changed since it was trained", path, changed)
             train_pairs = load_splits(cfg.data, ("train",))["train"]
             t = cfg.tokenizer
             train_spm(

@@ -217,14 +217,19 @@ class DecoderFeatures(nn.Module):
         return self.model.decoder_features(src, tgt_in)
 
 
-def valid_data(cfg: RunConfig, tok: Tokenizer, world: World, valid: MmapPairs):
-    """(valid batches for the loss, source and reference strings for greedy BLEU)."""
+def valid_data(cfg: RunConfig, tok: Tokenizer, valid: MmapPairs):
+    """(valid batches for the loss, source and reference strings for greedy BLEU).
+
+    Both come from the binarized valid split, so the loss and BLEU cover the same pairs (BLEU
+    the first ``data.valid_bleu_sentences`` of them): those with two non-empty sides that fit
+    ``model.max_positions``. The strings are decoded from the same ids, which gives the text
+    back exactly (the tokenizer round-trips stripped text)."""
     lens = (valid.src_lens, valid.tgt_lens)
     idx = batch_by_tokens(*lens, cfg.train.max_tokens, shuffle=False)
     batches = [valid.batch(i, tok.pad_id, tok.bos_id, tok.eos_id) for i in idx]
-    n_bleu = cfg.data.valid_bleu_sentences or None
-    pairs = world.broadcast(load_splits(cfg.data, ("valid",))["valid"][:n_bleu] if world.is_main else None)
-    return batches, [s for s, _ in pairs], [r for _, r in pairs]
+    n_bleu = min(cfg.data.valid_bleu_sentences or len(valid), len(valid))
+    src_ids, tgt_ids = valid.get(range(n_bleu))
+    return batches, tok.decode_batch(src_ids), tok.decode_batch(tgt_ids)
 
 
 def restore(ckpt: dict | None, run: Run) -> None:
@@ -261,7 +266,7 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
 
     tok = load_tokenizer(cfg, world, ckpt)
     data = open_data(cfg, tok, world)
-    valid_batches, bleu_src, bleu_ref = valid_data(cfg, tok, world, data["valid"])
+    valid_batches, bleu_src, bleu_ref = valid_data(cfg, tok, data["valid"])
     model = build_model(tok.vocab_size, tok.pad_id, **dataclasses.asdict(cfg.model)).to(world.device)
     criterion = build_criterion(**criterion_kwargs(cfg, tok.pad_id))
     optimizer = build_optimizer(model, t.lr, t.betas, t.adam_eps, t.weight_decay)
@@ -296,6 +301,16 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
             len(data["valid"]),
             world.world_size,
             world.device,
+        )
+        counts = data["valid"].meta["counts"]
+        log.info(
+            "valid loss and BLEU on the same pairs: %d of the %d read (dropped: %d with an empty side, %d over "
+            "model.max_positions); BLEU on the first %d",
+            len(data["valid"]),
+            counts["n_read"],
+            counts["n_empty"],
+            counts["n_over_positions"],
+            len(bleu_src),
         )
     return run
 

@@ -3,7 +3,9 @@ old epoch-end checkpoint, checkpoints on another device, a stale sentencepiece m
 options that must fail before any data work. Each test failed before its fix."""
 
 import json
+import logging
 import re
+import shutil
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,12 +16,13 @@ import torch
 from nmt_ls import checkpoint
 from nmt_ls.__main__ import main
 from nmt_ls.config import load_recipe
+from nmt_ls.data import read_pairs
 from nmt_ls.inference import load_for_inference
 from nmt_ls.model import build_model
 from nmt_ls.optim import build_optimizer, build_scheduler
-from nmt_ls.train import train
+from nmt_ls.train import setup, train, validation_loss
 
-from conftest import NAN_PLUGIN, ROOT, SMOKE_RECIPE, overrides
+from conftest import FIXTURE, NAN_PLUGIN, ROOT, SMOKE_RECIPE, overrides
 
 # Few, large batches: an epoch of the fixture is a handful of updates.
 FAST = ("train.max_tokens=12000", "train.log_every_updates=1", "model.dropout=0.0")
@@ -198,3 +201,22 @@ def test_wsd_plan_ends_its_cooldown_at_the_budget(tmp_path, monkeypatch, max_min
     lrs = [r["lr"] for r in read_log(tmp_path / "run") if r["kind"] == "train"]
     assert lrs[-1] == pytest.approx(cfg.train.lr / round(0.2 * summary["updates"]), rel=1e-9)  # the last step of it
     assert checkpoint.load(summary["checkpoint_last"])["planned_updates"] == summary["updates"]
+
+
+def test_valid_loss_and_bleu_cover_the_same_pairs(tmp_path, caplog):
+    """Issue 20 row 4: with two empty-side valid pairs, the loss covered 198 pairs and BLEU 200."""
+    corpus = Path(shutil.copytree(FIXTURE, tmp_path / "corpus"))
+    for lang, lineno in (("en", 0), ("de", 2)):  # an empty source, then an empty target
+        lines = (corpus / f"valid.{lang}").read_text(encoding="utf-8").split("\n")
+        lines[lineno] = ""
+        (corpus / f"valid.{lang}").write_text("\n".join(lines), encoding="utf-8")
+    cfg = load_recipe(
+        SMOKE_RECIPE, overrides(tmp_path / "run", *FAST, f"data.dir={str(corpus)!r}", "data.valid_bleu_sentences=0")
+    )
+    with caplog.at_level(logging.INFO, logger="nmt_ls.train"):
+        run = setup(cfg, resume=False)
+    src, ref = read_pairs(corpus, "en", "de", split="valid")  # the pairs with two sides, as read
+    assert len(src) == 198
+    assert (run.bleu_src, run.bleu_ref) == (src, ref)
+    assert sum(b.src.size(0) for b in run.valid_batches) == validation_loss(run)["nsentences"] == 198
+    assert "valid loss and BLEU on the same pairs: 198 of the 200 read (dropped: 2 with an empty side" in caplog.text

@@ -217,6 +217,11 @@ class DecoderFeatures(nn.Module):
         return self.model.decoder_features(src, tgt_in)
 
 
+def forward_module(cfg: RunConfig, model: nn.Module) -> nn.Module:
+    """What runs forward: ``model`` (logits), or its decoder features for the chunked criterion."""
+    return DecoderFeatures(model) if cfg.criterion.implementation == "chunked" else model
+
+
 def valid_data(cfg: RunConfig, tok: Tokenizer, valid: MmapPairs):
     """(valid batches for the loss, source and reference strings for greedy BLEU).
 
@@ -273,7 +278,7 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
     wsd = (t.cooldown_fraction, t.cooldown_shape, t.stable_phase)
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.lr_scheduler, t.max_updates, t.end_lr, *wsd)
     # The chunked path takes decoder features, not logits; DDP must wrap what runs forward.
-    forward_model = world.wrap(DecoderFeatures(model) if cfg.criterion.implementation == "chunked" else model)
+    forward_model = world.wrap(forward_module(cfg, model))
     writer = tensorboard_writer(out_dir) if world.is_main else None
     run = Run(
         cfg,
@@ -389,13 +394,19 @@ def sample_size(run: Run, batch: Batch) -> float:
     return float(batch.tgt_out[:, c.ignore_prefix_size :].ne(run.tok.pad_id).sum())
 
 
+def criterion_outputs(run: Run, outputs: torch.Tensor, tgt_out: torch.Tensor):
+    """Criterion outputs of what ran forward: logits (B, T, V), or for chunked decoder features
+    (B, T, D), projected chunk by chunk. Returns (LossOutput, the logits or None for chunked)."""
+    if run.cfg.criterion.implementation == "chunked":
+        return run.criterion.compute_from_features(outputs, run.model.output_weight, tgt_out), None
+    return run.criterion.compute(outputs, tgt_out), outputs
+
+
 def forward_loss(run: Run, batch: Batch):
     """Criterion outputs for one batch on the run's device, and the logits (None for chunked)."""
     with run.autocast():
         outputs = run.forward_model(batch.src, batch.tgt_in)  # logits (B, T, V), or features (B, T, D)
-    if run.cfg.criterion.implementation == "chunked":
-        return run.criterion.compute_from_features(outputs, run.model.output_weight, batch.tgt_out), None
-    return run.criterion.compute(outputs, batch.tgt_out), outputs
+    return criterion_outputs(run, outputs, batch.tgt_out)
 
 
 def train_step(run: Run, group: list[Batch]) -> dict | None:
@@ -441,13 +452,14 @@ def train_step(run: Run, group: list[Batch]) -> dict | None:
 
 @torch.no_grad()
 def validation_loss(run: Run) -> dict:
-    """Criterion outputs summed over the valid batches, reduced per target token."""
+    """Criterion outputs summed over the valid batches, reduced per target token; through the
+    criterion that training uses (chunked: from decoder features, never forming the logits).
+    It runs on the main worker alone, so never through DDP."""
     run.model.eval()
-    logs = []
+    forward, logs = forward_module(run.cfg, run.model), []
     for batch in run.valid_batches:
         batch = batch.to(run.world.device)
-        logits = run.model(batch.src, batch.tgt_in)  # (B, T, V)
-        out = run.criterion.compute(logits, batch.tgt_out)
+        out, logits = criterion_outputs(run, forward(batch.src, batch.tgt_in), batch.tgt_out)
         entry = {
             "loss": float(run.criterion.training_loss(out)),
             "nll_loss": float(out.nll),
@@ -456,7 +468,7 @@ def validation_loss(run: Run) -> dict:
             "nsentences": batch.src.size(0),
             "sample_size": out.ntokens,
         }
-        if run.criterion.report_accuracy:
+        if run.criterion.report_accuracy and logits is not None:
             entry["n_correct"], entry["total"] = run.criterion.accuracy(logits, batch.tgt_out)
         logs.append(entry)
     run.model.train()

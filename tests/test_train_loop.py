@@ -16,6 +16,7 @@ import torch
 from nmt_ls import checkpoint
 from nmt_ls.__main__ import main
 from nmt_ls.config import load_recipe
+from nmt_ls.criterions import reduce_metrics
 from nmt_ls.data import read_pairs
 from nmt_ls.inference import load_for_inference
 from nmt_ls.model import build_model
@@ -220,3 +221,27 @@ def test_valid_loss_and_bleu_cover_the_same_pairs(tmp_path, caplog):
     assert (run.bleu_src, run.bleu_ref) == (src, ref)
     assert sum(b.src.size(0) for b in run.valid_batches) == validation_loss(run)["nsentences"] == 198
     assert "valid loss and BLEU on the same pairs: 198 of the 200 read (dropped: 2 with an empty side" in caplog.text
+
+
+def test_chunked_validation_loss_never_forms_the_logits(tmp_path, monkeypatch):
+    """Issue 20 row 16: training on chunked never formed the (B, T, V) logits, validation did."""
+    cfg = load_recipe(SMOKE_RECIPE, overrides(tmp_path / "run", *FAST, "criterion.implementation='chunked'"))
+    run = setup(cfg, resume=False)
+    run.model.eval()
+    logs = []
+    with torch.no_grad():  # the reference: the projection, then the criterion on the logits
+        for b in run.valid_batches:
+            out = run.criterion.compute(run.model(b.src, b.tgt_in), b.tgt_out)
+            sums = {"loss": float(out.loss), "nll_loss": float(out.nll), "kl": float(out.kl)}
+            logs.append({**sums, "ntokens": out.ntokens, "nsentences": len(b.src), "sample_size": out.ntokens})
+    expected = reduce_metrics(logs)
+    run.model.train()
+
+    def no_logits(features):
+        raise AssertionError(f"the output projection ran on features of shape {tuple(features.shape)}")
+
+    monkeypatch.setattr(run.model, "project", no_logits)
+    got = validation_loss(run)
+    assert got["ntokens"] == expected["ntokens"] > 0
+    for key in ("loss", "nll_loss", "kl", "ppl"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5)

@@ -25,8 +25,9 @@ mtime (ns), the sha256 of the tokenizer model's bytes, and the split, languages,
 filter options. File *stats* rather than contents: hashing a 1 GB corpus costs seconds at every
 start of every worker, a stat costs nothing, and any write to a file moves its mtime. The price
 is a needless rebuild when a file is rewritten unchanged (or copied without keeping mtimes);
-only an edit that keeps both size and mtime would go unseen. Hub datasets are keyed by name,
-config and split.
+only an edit that keeps both size and mtime would go unseen. A ``datasets`` builder (``json``,
+``csv``...) is keyed by the files of the split's ``data_files``; hub datasets by name, config and
+split.
 
 A cache is built in ``{cache_dir}/.tmp.{name}.{pid}`` and renamed into place once every file
 is written and synced, so a killed build leaves at most a temporary directory (removed by the
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import glob
 import hashlib
 import itertools
 import json
@@ -55,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from nmt_ls.data import CORPORA, filter_pairs, infer_format, read_pairs
+from nmt_ls.data import CORPORA, filter_pairs, infer_format, read_pairs, split_path
 from nmt_ls.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -283,8 +285,7 @@ def _encode_all(tasks: Iterator[tuple], spm_path: str, num_workers: int) -> Iter
 
 
 def _text_paths(source, src_lang: str, tgt_lang: str, split: str) -> tuple[Path, Path]:
-    p = Path(source)
-    prefix = p / split if p.is_dir() else p
+    prefix = split_path(source, split, "text")
     return prefix.with_name(f"{prefix.name}.{src_lang}"), prefix.with_name(f"{prefix.name}.{tgt_lang}")
 
 
@@ -305,15 +306,21 @@ def _text_chunks(src_path: Path, tgt_path: Path, chunk_size: int) -> Iterator[tu
             first += len(src)
 
 
-def _corpus_files(source, src_lang: str, tgt_lang: str, split: str, fmt: str) -> list[Path]:
-    """The local files the corpus is read from (none for a hub dataset)."""
+def _corpus_files(source, src_lang: str, tgt_lang: str, split: str, fmt: str, data_files=None) -> list[Path]:
+    """The local files the corpus is read from: for ``hf``, a local folder's files or the split's
+    ``data_files`` (globs expanded; URLs and hub names have none)."""
     if fmt == "text":
         files = list(_text_paths(source, src_lang, tgt_lang, split))
     elif fmt in ("tsv", "jsonl"):
-        files = [Path(source) / f"{split}.{fmt}" if Path(source).is_dir() else Path(source)]
+        files = [split_path(source, split, fmt)]
     else:
-        local = Path(source)
-        return sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []
+        local = Path(source).expanduser()
+        if local.is_dir():
+            return sorted(p for p in local.rglob("*") if p.is_file())
+        names = (data_files or {}).get(split, [])
+        names = [names] if isinstance(names, str) else names
+        matches = (glob.glob(os.path.expanduser(n)) for n in names if "://" not in n)
+        return sorted({Path(m) for m in itertools.chain.from_iterable(matches)})
     for path in files:
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
@@ -359,13 +366,10 @@ def key_inputs(
     config: str | None = None,
     max_len: int | None = None,
     max_ratio: float | None = None,
+    data_files: dict | None = None,
 ) -> dict:
     """What a cache's key is computed from (see the module docstring); ``cache_key`` hashes it."""
     fmt = fmt or infer_format(source, src_lang, tgt_lang, split)
-    files = []
-    for path in _corpus_files(source, src_lang, tgt_lang, split, fmt):
-        st = path.stat()
-        files.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     return {
         "layout": LAYOUT,
         "source": str(source),
@@ -373,12 +377,21 @@ def key_inputs(
         "fmt": fmt,
         "config": config,
         "langs": [src_lang, tgt_lang],
-        "files": files,
+        "files": file_identities(source, src_lang, tgt_lang, split, fmt, data_files),
         "spm_sha256": hashlib.sha256(Path(spm_path).read_bytes()).hexdigest(),
         "max_len": max_len,
         "max_ratio": max_ratio,
         "max_positions": max_positions,
     }
+
+
+def file_identities(source, src_lang: str, tgt_lang: str, split: str, fmt: str, data_files=None) -> list[dict]:
+    """Resolved path, size and mtime (ns) of each local file that ``split`` is read from."""
+    files = []
+    for path in _corpus_files(source, src_lang, tgt_lang, split, fmt, data_files):
+        st = path.stat()
+        files.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return files
 
 
 def cache_key(inputs: dict) -> str:
@@ -439,6 +452,7 @@ def binarize(
     num_workers: int | None = None,
     chunk_size: int = 10_000,
     pairs: list[tuple[str, str]] | None = None,
+    data_files: dict | None = None,
 ) -> Path:
     """Encode one split into the cache directory ``out_dir``, atomically.
 
@@ -450,6 +464,8 @@ def binarize(
         max_len, max_ratio: ``data.filter_pairs`` options (None: no such filter).
         num_workers: encoding processes. Default: the CPUs this process may use.
         chunk_size: lines per task.
+        pairs: the split's pairs, read already (a ``datasets`` corpus); ``source`` then names it.
+        data_files: a ``datasets`` builder's ``{split: file or [files]}``, part of the key.
     Returns:
         ``out_dir``.
     Raises:
@@ -462,7 +478,9 @@ def binarize(
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; delete it or use open_or_build")
     fmt = fmt or infer_format(source, src_lang, tgt_lang, split)
-    inputs = key_inputs(source, src_lang, tgt_lang, split, spm_path, max_positions, fmt, config, max_len, max_ratio)
+    inputs = key_inputs(
+        source, src_lang, tgt_lang, split, spm_path, max_positions, fmt, config, max_len, max_ratio, data_files
+    )
     num_workers = num_workers or len(os.sched_getaffinity(0))
     id_dtype, len_dtype = _uint_dtype(tok.vocab_size - 1), _uint_dtype(max_positions)
     opts = {"max_len": max_len, "max_ratio": max_ratio, "max_positions": max_positions, "id_dtype": id_dtype.str}
@@ -561,6 +579,7 @@ def open_or_build(
     num_workers: int | None = None,
     build: bool = True,
     pairs=None,
+    data_files: dict | None = None,
 ) -> MmapPairs:
     """The binarized split for these inputs, built first if no complete cache has their key.
 
@@ -573,7 +592,9 @@ def open_or_build(
         build: False: raise ``FileNotFoundError`` instead of building.
         others: see ``binarize``.
     """
-    inputs = key_inputs(source, src_lang, tgt_lang, split, spm_path, max_positions, fmt, config, max_len, max_ratio)
+    inputs = key_inputs(
+        source, src_lang, tgt_lang, split, spm_path, max_positions, fmt, config, max_len, max_ratio, data_files
+    )
     key = cache_key(inputs)
     cache_dir = Path(cache_dir)
     path = cache_dir / f"{split}.{key[:16]}"
@@ -603,6 +624,7 @@ def open_or_build(
                 max_ratio=max_ratio,
                 num_workers=num_workers,
                 pairs=pairs() if pairs is not None else None,
+                data_files=data_files,
             )
             corpus = MmapPairs(path)
     return corpus
@@ -614,7 +636,21 @@ def corpus_source(d) -> str:
     the ``datasets`` path or hub name."""
     if d.corpus in CORPORA:
         CORPORA[d.corpus](d)
-    return d.dir if d.corpus == "files" or d.corpus in CORPORA else (d.path or d.hub_name)
+    source = d.dir if _is_local(d) else (d.path or d.hub_name)
+    return os.path.expanduser(source) if source else source
+
+
+def _is_local(d) -> bool:
+    """True if a recipe's corpus is read from ``data.dir`` (not through ``datasets``)."""
+    return d.corpus == "files" or d.corpus in CORPORA
+
+
+def recipe_files(d, split: str) -> list[dict]:
+    """``file_identities`` of a recipe's split (``d`` a ``config.DataConfig``), as its cache key
+    holds them: what the tokenizer is keyed on too."""
+    source, local = corpus_source(d), _is_local(d)
+    fmt = infer_format(source, d.src_lang, d.tgt_lang, split) if local else "hf"
+    return file_identities(source, d.src_lang, d.tgt_lang, split, fmt, None if local else d.data_files)
 
 
 def binarize_recipe(
@@ -630,8 +666,7 @@ def binarize_recipe(
     from nmt_ls.data import load_splits
 
     d = cfg.data
-    source = corpus_source(d)
-    local = d.corpus == "files" or d.corpus in CORPORA
+    source, local = corpus_source(d), _is_local(d)
     # what names a datasets corpus beyond its path; part of the key through ``config``
     config = d.hub_config if local else json.dumps([d.hub_config, d.data_files], sort_keys=True)
     cache_dir = Path(cache_dir) if cache_dir is not None else Path(cfg.out_dir) / "data-bin"
@@ -651,6 +686,7 @@ def binarize_recipe(
             num_workers=num_workers,
             build=build,
             pairs=pairs,
+            data_files=None if local else d.data_files,
             fmt=None if local else "hf",
             **filters,
         )

@@ -187,8 +187,17 @@ def _locate(p: Path, split: str, src_lang: str, tgt_lang: str) -> tuple[Path, st
 
 def infer_format(path: str | os.PathLike, src_lang: str, tgt_lang: str, split: str = "train") -> str:
     """Which of ``FORMATS`` ``path`` is for ``split`` (see the module docstring)."""
-    found = _locate(Path(path), split, src_lang, tgt_lang)
+    found = _locate(Path(path).expanduser(), split, src_lang, tgt_lang)
     return found[1] if found is not None else "hf"
+
+
+def split_path(path: str | os.PathLike, split: str, fmt: str) -> Path:
+    """The file (for ``text``, the prefix) that holds ``split`` of the local corpus ``path`` in
+    format ``fmt``: inside a folder ``{split}`` or ``{split}.{fmt}``, else ``path`` itself."""
+    p = Path(path).expanduser()
+    if fmt in ("text", "tsv", "jsonl") and p.is_dir():
+        return p / split if fmt == "text" else p / f"{split}.{fmt}"
+    return p
 
 
 def _read_local(p: Path, fmt: str, src_lang: str, tgt_lang: str) -> tuple[list[Row], str]:
@@ -461,12 +470,12 @@ def _read_rows(path, src_lang: str, tgt_lang: str, split: str, fmt: str | None, 
     """Rows of one split of ``path`` and a short name of it for messages."""
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    p = Path(path)
+    p = Path(path).expanduser()
     if fmt is None:
         found = _locate(p, split, src_lang, tgt_lang)
         p, fmt = found if found is not None else (p, "hf")
-    elif fmt == "text" and p.is_dir():
-        p = p / split
+    else:
+        p = split_path(p, split, fmt)
     if fmt != "hf":
         return _read_local(p, fmt, src_lang, tgt_lang)
     ds, source = _open_hf(str(path), config, None)
@@ -548,7 +557,7 @@ def register_corpus(name: str) -> Callable:
 def _prepare_lohelp(d: DataConfig) -> None:
     from nmt_ls.prepare import prepare_lohelp
 
-    prepare_lohelp(d.dir, d.src_lang, d.tgt_lang)
+    prepare_lohelp(os.path.expanduser(d.dir), d.src_lang, d.tgt_lang)
 
 
 def _files_reader(d: DataConfig) -> SplitReader:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from nmt_ls import checkpoint
 from nmt_ls.batching import Batch, batch_by_tokens, update_size
-from nmt_ls.binarize import MmapPairs, binarize_recipe
+from nmt_ls.binarize import MmapPairs, binarize_recipe, recipe_files
 from nmt_ls.config import DROPOUTS, RunConfig, differences, to_dict
 from nmt_ls.criterions import CRITERIONS, build_criterion, import_user_module, reduce_metrics
 from nmt_ls.data import load_splits
@@ -255,17 +255,19 @@ def criterion_kwargs(cfg: RunConfig, pad_id: int) -> dict:
 
 
 def tokenizer_spec(cfg: RunConfig) -> dict:
-    """What ``spm.model`` is trained from: the tokenizer options and the training data."""
+    """What ``spm.model`` is trained from: the tokenizer options, the data settings and the train
+    split's files (path, size, mtime), the identity that its binarized cache is keyed on."""
     data = {k: v for k, v in to_dict(cfg.data).items() if k != "valid_bleu_sentences"}
-    return {"tokenizer": to_dict(cfg.tokenizer), "data": data}
+    train_files = recipe_files(cfg.data, cfg.data.train_split)
+    return {"tokenizer": to_dict(cfg.tokenizer), "data": data, "train_files": train_files}
 
 
 def load_tokenizer(cfg: RunConfig, world: World, ckpt: dict | None) -> Tokenizer:
     """The run's sentencepiece model: the checkpoint's when resuming; else ``spm.model`` in
-    ``out_dir`` if it was trained from the same options and data, else trained anew on the
+    ``out_dir`` if it was trained from the same options and train files, else trained anew on the
     train split (read only then)."""
     path, spec_path = Path(cfg.out_dir) / "spm.model", Path(cfg.out_dir) / "spm.json"
-    spec = tokenizer_spec(cfg)
+    spec = tokenizer_spec(cfg) if world.is_main else None  # may prepare the corpus: once
     if world.is_main and ckpt is not None:  # its tokenizer is the recipe's (check_resume)
         checkpoint.tensor_to_spm(ckpt["spm"], path)
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
@@ -273,7 +275,8 @@ def load_tokenizer(cfg: RunConfig, world: World, ckpt: dict | None) -> Tokenizer
         old = json.loads(spec_path.read_text(encoding="utf-8")) if spec_path.exists() and path.exists() else None
         if old != spec:
             if path.exists():
-                log.info("retraining %s: it was trained from %s, the recipe asks for %s", path, old, spec)
+                changed = ", ".join(k for k in spec if old is None or old.get(k) != spec[k])
+                log.info("retraining %s: its %s changed since it was trained", path, changed)
             train_pairs = load_splits(cfg.data, ("train",))["train"]
             t = cfg.tokenizer
             train_spm(
@@ -307,14 +310,24 @@ class DecoderFeatures(nn.Module):
         return self.model.decoder_features(src, tgt_in)
 
 
-def valid_data(cfg: RunConfig, tok: Tokenizer, world: World, valid: MmapPairs):
-    """(valid batches for the loss, source and reference strings for greedy BLEU)."""
+def forward_module(cfg: RunConfig, model: nn.Module) -> nn.Module:
+    """What runs forward: ``model`` (logits), or its decoder features for the chunked criterion."""
+    return DecoderFeatures(model) if cfg.criterion.implementation == "chunked" else model
+
+
+def valid_data(cfg: RunConfig, tok: Tokenizer, valid: MmapPairs):
+    """(valid batches for the loss, source and reference strings for greedy BLEU).
+
+    Both come from the binarized valid split, so the loss and BLEU cover the same pairs (BLEU
+    the first ``data.valid_bleu_sentences`` of them): those with two non-empty sides that fit
+    ``model.max_positions``. The strings are decoded from the same ids, which gives the text
+    back exactly (the tokenizer round-trips stripped text)."""
     lens = (valid.src_lens, valid.tgt_lens)
     idx = batch_by_tokens(*lens, cfg.train.max_tokens, shuffle=False)
     batches = [valid.batch(i, tok.pad_id, tok.bos_id, tok.eos_id) for i in idx]
-    n_bleu = cfg.data.valid_bleu_sentences or None
-    pairs = world.broadcast(load_splits(cfg.data, ("valid",))["valid"][:n_bleu] if world.is_main else None)
-    return batches, [s for s, _ in pairs], [r for _, r in pairs]
+    n_bleu = min(cfg.data.valid_bleu_sentences or len(valid), len(valid))
+    src_ids, tgt_ids = valid.get(range(n_bleu))
+    return batches, tok.decode_batch(src_ids), tok.decode_batch(tgt_ids)
 
 
 def restore(ckpt: dict | None, run: Run) -> None:
@@ -463,13 +476,13 @@ def setup(cfg: RunConfig, resume: bool, test_sentences: int = 0) -> Run:
 
     tok = load_tokenizer(cfg, world, ckpt)
     data = open_data(cfg, tok, world)
-    valid_batches, bleu_src, bleu_ref = valid_data(cfg, tok, world, data["valid"])
+    valid_batches, bleu_src, bleu_ref = valid_data(cfg, tok, data["valid"])
     model = build_model(tok.vocab_size, tok.pad_id, **dataclasses.asdict(cfg.model)).to(world.device)
     criterion = build_criterion(**criterion_kwargs(cfg, tok.pad_id))
     optimizer = build_optimizer(model, t.lr, t.betas, t.adam_eps, t.weight_decay)
     scheduler = build_schedule(cfg, optimizer)
     # The chunked path takes decoder features, not logits; DDP must wrap what runs forward.
-    forward_model = world.wrap(DecoderFeatures(model) if cfg.criterion.implementation == "chunked" else model)
+    forward_model = world.wrap(forward_module(cfg, model))
     writer = tensorboard_writer(out_dir) if world.is_main else None
     run = Run(
         cfg,
@@ -500,6 +513,16 @@ def setup(cfg: RunConfig, resume: bool, test_sentences: int = 0) -> Run:
             len(data["valid"]),
             world.world_size,
             world.device,
+        )
+        counts = data["valid"].meta["counts"]
+        log.info(
+            "valid loss and BLEU on the same pairs: %d of the %d read (dropped: %d with an empty side, %d over "
+            "model.max_positions); BLEU on the first %d",
+            len(data["valid"]),
+            counts["n_read"],
+            counts["n_empty"],
+            counts["n_over_positions"],
+            len(bleu_src),
         )
     return run
 
@@ -589,14 +612,20 @@ def sample_size(run: Run, batch: Batch) -> float:
     return float(batch.tgt_out[:, c.ignore_prefix_size :].ne(run.tok.pad_id).sum())
 
 
+def criterion_outputs(run: Run, outputs: torch.Tensor, tgt_out: torch.Tensor):
+    """Criterion outputs of what ran forward: logits (B, T, V), or for chunked decoder features
+    (B, T, D), projected chunk by chunk. Returns (LossOutput, the logits or None for chunked)."""
+    if run.cfg.criterion.implementation == "chunked":
+        return run.criterion.compute_from_features(outputs, run.model.output_weight, tgt_out), None
+    return run.criterion.compute(outputs, tgt_out), outputs
+
+
 def forward_loss(run: Run, batch: Batch, amp: str | None = None):
     """Criterion outputs for one batch on the run's device, and the logits (None for chunked);
     in precision ``amp`` (default: the run's)."""
     with run.autocast(amp):
         outputs = run.forward_model(batch.src, batch.tgt_in)  # logits (B, T, V), or features (B, T, D)
-    if run.cfg.criterion.implementation == "chunked":
-        return run.criterion.compute_from_features(outputs, run.model.output_weight, batch.tgt_out), None
-    return run.criterion.compute(outputs, batch.tgt_out), outputs
+    return criterion_outputs(run, outputs, batch.tgt_out)
 
 
 def train_step(run: Run, group: list[Batch]) -> dict | None:
@@ -642,13 +671,14 @@ def train_step(run: Run, group: list[Batch]) -> dict | None:
 
 @torch.no_grad()
 def validation_loss(run: Run) -> dict:
-    """Criterion outputs summed over the valid batches, reduced per target token."""
+    """Criterion outputs summed over the valid batches, reduced per target token; through the
+    criterion that training uses (chunked: from decoder features, never forming the logits).
+    It runs on the main worker alone, so never through DDP."""
     run.model.eval()
-    logs = []
+    forward, logs = forward_module(run.cfg, run.model), []
     for batch in run.valid_batches:
         batch = batch.to(run.world.device)
-        logits = run.model(batch.src, batch.tgt_in)  # (B, T, V)
-        out = run.criterion.compute(logits, batch.tgt_out)
+        out, logits = criterion_outputs(run, forward(batch.src, batch.tgt_in), batch.tgt_out)
         entry = {
             "loss": float(run.criterion.training_loss(out)),
             "nll_loss": float(out.nll),
@@ -657,7 +687,7 @@ def validation_loss(run: Run) -> dict:
             "nsentences": batch.src.size(0),
             "sample_size": out.ntokens,
         }
-        if run.criterion.report_accuracy:
+        if run.criterion.report_accuracy and logits is not None:
             entry["n_correct"], entry["total"] = run.criterion.accuracy(logits, batch.tgt_out)
         logs.append(entry)
     run.model.train()

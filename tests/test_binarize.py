@@ -1,6 +1,8 @@
 """Binarized, memory-mapped corpora: the same ids and batches as the in-memory path, and a
 cache that is rebuilt when its inputs change and never read when incomplete."""
 
+import dataclasses
+import json
 import os
 import pickle
 import shutil
@@ -225,3 +227,61 @@ def test_binarize_command_then_training_maps_the_same_cache(tmp_path, capsys):
     built = sorted(p.name for p in (tmp_path / "run" / "data-bin").iterdir() if not p.name.startswith("."))
     assert main(["train", SMOKE_RECIPE, *args]) == 0
     assert sorted(p.name for p in (tmp_path / "run" / "data-bin").iterdir() if not p.name.startswith(".")) == built
+
+
+def recipe(tmp_path, *extra):
+    return load_recipe(ROOT / "recipes" / "smoke.yaml", [f"out_dir={str(tmp_path / 'run')!r}", *extra])
+
+
+def texts(corpus):
+    return corpus.get(np.arange(len(corpus)))
+
+
+def jsonl_lines(split, n=None):
+    en, de = (read_pairs(FIXTURE, "en", "de", split=split, on_empty="keep")[i][:n] for i in (0, 1))
+    return "".join(json.dumps({"en": s, "de": t}) + "\n" for s, t in zip(en, de))
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "jsonl"])
+def test_folder_of_tsv_or_jsonl_binarizes_as_the_text_folder(spm_path, tmp_path, fmt):
+    """Issue 20 row 1: a folder of {split}.tsv / {split}.jsonl failed with 'no such file: <folder>'."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for split in ("train", "valid"):
+        en, de = read_pairs(FIXTURE, "en", "de", split=split, on_empty="keep")
+        rows = [f"{s}\t{t}\n" for s, t in zip(en, de)] if fmt == "tsv" else [jsonl_lines(split)]
+        (folder / f"{split}.{fmt}").write_text("".join(rows), encoding="utf-8")
+    text = binarize_recipe(recipe(tmp_path / "text", f"data.dir={str(FIXTURE)!r}"), spm_path, num_workers=1)
+    other = binarize_recipe(recipe(tmp_path / fmt, f"data.dir={str(folder)!r}"), spm_path, num_workers=1)
+    assert [len(other[k]) for k in ("train", "valid")] == [2600, 200]
+    assert all(texts(other[k]) == texts(text[k]) for k in ("train", "valid"))
+    assert [f["path"] for f in other["train"].meta["key_inputs"]["files"]] == [str(folder / f"train.{fmt}")]
+
+
+def test_rewritten_data_files_rebuild_the_cache(spm_path, tmp_path, monkeypatch):
+    """Issue 20 row 2: a json builder's cache was keyed by file names only and reused after an edit."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    files = {split: str(tmp_path / f"{split}.jsonl") for split in ("train", "valid")}
+    for split, name in files.items():
+        Path(name).write_text(jsonl_lines(split), encoding="utf-8")
+    cfg = recipe(tmp_path)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus="hf", path="json", data_files=files))
+    first = binarize_recipe(cfg, spm_path, num_workers=1)["train"]
+    assert len(first) == 2600
+    assert [f["path"] for f in first.meta["key_inputs"]["files"]] == [files["train"]]
+    Path(files["train"]).write_text(jsonl_lines("train", 400), encoding="utf-8")
+    assert len(load_splits(cfg.data, ("train",))["train"]) == 400
+    again = binarize_recipe(cfg, spm_path, num_workers=1)["train"]
+    assert len(again) == 400 and again.path != first.path
+
+
+def test_home_relative_data_dir_is_expanded(spm_path, tmp_path, monkeypatch):
+    """Issue 20 row 3: data.dir=~/corpus was read by load_splits but binarize inferred 'hf'."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(FIXTURE, tmp_path / "corpus")
+    corpora = binarize_recipe(recipe(tmp_path, "data.dir='~/corpus'"), spm_path, num_workers=1)
+    assert [len(corpora[k]) for k in ("train", "valid")] == [2600, 200]
+    assert corpora["train"].meta["key_inputs"]["fmt"] == "text"
+    assert corpora["train"].meta["key_inputs"]["files"][0]["path"] == str(tmp_path / "corpus" / "train.en")

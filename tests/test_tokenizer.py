@@ -88,3 +88,32 @@ def test_foreign_model_with_other_special_ids_is_rejected(tmp_path):
     )  # sentencepiece defaults: unk=0, bos=1, eos=2, no pad
     with pytest.raises(ValueError, match="special ids"):
         Tokenizer(tmp_path / "foreign.model")
+
+
+def test_tokenizer_is_retrained_when_the_train_files_change(tmp_path, caplog):
+    """Issue 20 row 5: spm.model was keyed on the data settings only, and kept after the train
+    files were replaced (while the binarized cache was rebuilt)."""
+    import logging
+    import shutil
+
+    from nmt_ls.config import load_recipe
+    from nmt_ls.distributed import World
+    from nmt_ls.train import load_tokenizer
+
+    from conftest import SMOKE_RECIPE, overrides
+
+    corpus = Path(shutil.copytree(FIXTURE, tmp_path / "corpus"))
+    cfg = load_recipe(SMOKE_RECIPE, overrides(tmp_path / "run", f"data.dir={str(corpus)!r}"))
+    world = World(0, 1, torch.device("cpu"))
+    before = load_tokenizer(cfg, world, None)
+    kept = (tmp_path / "run" / "spm.model").read_bytes()
+    assert load_tokenizer(cfg, world, None).sp.serialized_model_proto() == kept  # unchanged files: kept
+    for lang in ("en", "de"):
+        path = corpus / f"train.{lang}"
+        path.write_text(path.read_text(encoding="utf-8").upper(), encoding="utf-8")
+    with caplog.at_level(logging.INFO, logger="nmt_ls.train"):
+        after = load_tokenizer(cfg, world, None)
+    assert "spm.model: its train_files changed since it was trained" in caplog.text
+    assert (tmp_path / "run" / "spm.model").read_bytes() != kept
+    line = read_pairs(corpus, "en", "de")[0][0]
+    assert len(after.encode(line)) < len(before.encode(line)) / 2  # fitted to the new text

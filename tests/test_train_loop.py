@@ -3,6 +3,7 @@ old epoch-end checkpoint, checkpoints on another device, a stale sentencepiece m
 options that must fail before any data work. Each test failed before its fix."""
 
 import json
+import logging
 import re
 import shutil
 import signal
@@ -15,12 +16,14 @@ import torch
 from nmt_ls import checkpoint
 from nmt_ls.__main__ import main
 from nmt_ls.config import load_recipe
+from nmt_ls.criterions import reduce_metrics
+from nmt_ls.data import read_pairs
 from nmt_ls.inference import load_for_inference
 from nmt_ls.model import build_model
 from nmt_ls.optim import build_optimizer, build_scheduler
-from nmt_ls.train import train
+from nmt_ls.train import setup, train, validation_loss
 
-from conftest import NAN_PLUGIN, ROOT, SMOKE_RECIPE, overrides
+from conftest import FIXTURE, NAN_PLUGIN, ROOT, SMOKE_RECIPE, overrides
 
 # Few, large batches: an epoch of the fixture is a handful of updates.
 FAST = ("train.max_tokens=12000", "train.log_every_updates=1", "model.dropout=0.0")
@@ -284,3 +287,46 @@ def test_resume_drops_a_torn_last_log_line_and_names_any_other_bad_line(small_ru
     log_path.write_text(text[0] + "{oops\n" + "".join(text[1:]))
     with pytest.raises(ValueError, match=re.escape(f"{log_path}:2: not a JSON record (Expecting")):
         train(load_recipe(SMOKE_RECIPE, overrides(out, *FAST, "model.d_model=32", "train.max_updates=5")), resume=True)
+
+
+def test_valid_loss_and_bleu_cover_the_same_pairs(tmp_path, caplog):
+    """Issue 20 row 4: with two empty-side valid pairs, the loss covered 198 pairs and BLEU 200."""
+    corpus = Path(shutil.copytree(FIXTURE, tmp_path / "corpus"))
+    for lang, lineno in (("en", 0), ("de", 2)):  # an empty source, then an empty target
+        lines = (corpus / f"valid.{lang}").read_text(encoding="utf-8").split("\n")
+        lines[lineno] = ""
+        (corpus / f"valid.{lang}").write_text("\n".join(lines), encoding="utf-8")
+    cfg = load_recipe(
+        SMOKE_RECIPE, overrides(tmp_path / "run", *FAST, f"data.dir={str(corpus)!r}", "data.valid_bleu_sentences=0")
+    )
+    with caplog.at_level(logging.INFO, logger="nmt_ls.train"):
+        run = setup(cfg, resume=False)
+    src, ref = read_pairs(corpus, "en", "de", split="valid")  # the pairs with two sides, as read
+    assert len(src) == 198
+    assert (run.bleu_src, run.bleu_ref) == (src, ref)
+    assert sum(b.src.size(0) for b in run.valid_batches) == validation_loss(run)["nsentences"] == 198
+    assert "valid loss and BLEU on the same pairs: 198 of the 200 read (dropped: 2 with an empty side" in caplog.text
+
+
+def test_chunked_validation_loss_never_forms_the_logits(tmp_path, monkeypatch):
+    """Issue 20 row 16: training on chunked never formed the (B, T, V) logits, validation did."""
+    cfg = load_recipe(SMOKE_RECIPE, overrides(tmp_path / "run", *FAST, "criterion.implementation='chunked'"))
+    run = setup(cfg, resume=False)
+    run.model.eval()
+    logs = []
+    with torch.no_grad():  # the reference: the projection, then the criterion on the logits
+        for b in run.valid_batches:
+            out = run.criterion.compute(run.model(b.src, b.tgt_in), b.tgt_out)
+            sums = {"loss": float(out.loss), "nll_loss": float(out.nll), "kl": float(out.kl)}
+            logs.append({**sums, "ntokens": out.ntokens, "nsentences": len(b.src), "sample_size": out.ntokens})
+    expected = reduce_metrics(logs)
+    run.model.train()
+
+    def no_logits(features):
+        raise AssertionError(f"the output projection ran on features of shape {tuple(features.shape)}")
+
+    monkeypatch.setattr(run.model, "project", no_logits)
+    got = validation_loss(run)
+    assert got["ntokens"] == expected["ntokens"] > 0
+    for key in ("loss", "nll_loss", "kl", "ppl"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5)

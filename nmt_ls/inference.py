@@ -38,6 +38,18 @@ def load_for_inference(path: str | Path, device: torch.device | str = "cpu"):
     return model.to(device).eval(), tok, ckpt["config"]
 
 
+def encode_sources(tok: Tokenizer, lines: list[str], max_positions: int) -> list[list[int]]:
+    """Source ids of ``lines`` without eos, each cut to ``max_positions - 1`` so that it fits the
+    model's positions with its eos (one warning counts the cut lines); an empty list for a line
+    with nothing to translate, whose hypothesis is the empty line."""
+    max_src = max_positions - 1
+    src_ids = [tok.encode(line) if line.strip() else [] for line in lines]
+    too_long = sum(len(s) > max_src for s in src_ids)
+    if too_long:
+        log.warning("%d source line(s) longer than %d subwords were cut to fit the model", too_long, max_src)
+    return [s[:max_src] for s in src_ids]
+
+
 @torch.no_grad()
 def translate(
     model: nn.Module,
@@ -54,19 +66,17 @@ def translate(
     """Translate detokenized ``lines``; returns detokenized hypotheses in input order.
 
     Sentences are sorted by length and batched by ``max_tokens`` source tokens; beam size 1
-    runs greedy search. Sources longer than the model's positions are cut (with a warning).
-    ``device`` defaults to the model's.
+    runs greedy search. Sources longer than the model's positions are cut (with a warning);
+    empty lines stay empty. ``device`` defaults to the model's.
     """
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    max_src = model.max_positions - 1
-    src_ids = [tok.encode(line) for line in lines]
-    too_long = sum(len(s) > max_src for s in src_ids)
-    if too_long:
-        log.warning("%d source line(s) longer than %d subwords were cut to fit the model", too_long, max_src)
-    src_ids = [s[:max_src] + [tok.eos_id] for s in src_ids]
-    batches = batch_by_tokens([len(s) for s in src_ids], [0] * len(src_ids), max_tokens, shuffle=False)
+    pieces = encode_sources(tok, lines, model.max_positions)
+    todo = [i for i, p in enumerate(pieces) if p]
+    src_ids = {i: pieces[i] + [tok.eos_id] for i in todo}
+    batches = batch_by_tokens([len(src_ids[i]) for i in todo], [0] * len(todo), max_tokens, shuffle=False)
+    batches = [[todo[j] for j in batch] for batch in batches]
     kw = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, max_len_a=max_len_a, max_len_b=max_len_b)
     hyps: list[str] = [""] * len(lines)
     for idx in tqdm(batches, desc="translate", disable=not progress, unit="batch"):

@@ -102,7 +102,8 @@ def cmd_run(args) -> int:
     beam, greedy = scores["beam"], scores["greedy"]
     updates, train_minutes = summary["updates"], summary["minutes"]
     print(f"\nrun {cfg.name} finished in {minutes:.1f} min ({updates} updates, {train_minutes:.1f} min training)")
-    print(f"  test BLEU (beam {beam['beam_size']}): {beam['bleu']:.2f}   greedy: {greedy['bleu']:.2f}")
+    print(f"  test BLEU (beam {beam['beam_size']}): {beam['bleu']:.2f}   greedy: {greedy['bleu']:.2f}", end="")
+    print(f"   (decoded with {scores['engine']} {scores['precision']})")
     print(f"  signature:  {scores['beam']['bleu_signature']}")
     print(f"  log:        {summary['log']}")
     print(f"  plot:       {png}")

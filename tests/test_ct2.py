@@ -17,7 +17,7 @@ from nmt_ls.__main__ import main
 from nmt_ls.batching import collate
 from nmt_ls.config import EvalConfig, to_dict
 from nmt_ls.decode import beam_search, greedy_search
-from nmt_ls.inference import encode_sources, load_for_inference
+from nmt_ls.inference import encode_sources, load_for_inference, score_test_split
 from nmt_ls.inference import translate as torch_translate
 from nmt_ls.model import build_model
 from nmt_ls.tokenizer import Tokenizer, train_spm
@@ -152,3 +152,19 @@ def test_missing_extra_is_a_one_line_error(ckpt, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith('nmt-ls export: error: the ctranslate2 engine needs the "ct2" extra: pip install -e ".[ct2]"')
     assert err.count("\n") == 1
+
+
+def test_test_split_is_scored_with_ctranslate2_when_installed(tmp_path, ckpt, monkeypatch):
+    refs = (FIXTURE / "test.de").read_text(encoding="utf-8").splitlines()[:20]
+    args = (LINES[:20], refs, {**to_dict(EvalConfig()), **EVAL})
+    ours = score_test_split(ckpt, *args, tmp_path / "ct2_run", "de")
+    assert (ours["engine"], ours["precision"]) == ("ctranslate2", "float32")
+    assert (tmp_path / "ct2_run" / "ct2" / "model.bin").is_file()
+    monkeypatch.setattr(ct2, "available", lambda: False)
+    (tmp_path / "torch_run").mkdir()
+    theirs = score_test_split(ckpt, *args, tmp_path / "torch_run", "de")
+    assert (theirs["engine"], theirs["precision"]) == ("torch", "float32")
+    for name in ("greedy", "beam"):
+        hyps = (tmp_path / "ct2_run" / f"test.{name}.de").read_text()
+        assert hyps == (tmp_path / "torch_run" / f"test.{name}.de").read_text()
+        assert ours[name]["bleu"] == theirs[name]["bleu"]

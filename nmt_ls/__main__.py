@@ -22,6 +22,7 @@ from nmt_ls.ct2 import MissingExtra
 from nmt_ls.prepare import PrepareError
 
 log = logging.getLogger("nmt_ls")
+BAD_INPUT = (FileNotFoundError, FileExistsError, ValueError, CheckpointError, PrepareError, MissingExtra)
 
 
 def _setup_logging(out_dir: Path | None = None) -> None:
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, CheckpointError, PrepareError, MissingExtra) as e:  # bad input: one line, no traceback
+    except BAD_INPUT as e:  # bad input: one line, no traceback
         print(f"nmt-ls {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:  # the command's log handlers end with it (main() may be called again, e.g. in tests)

@@ -66,7 +66,14 @@ def ckpt(tmp_path_factory, spm_path):
 
 
 def torch_ids(model, tok, src_ids, beam_size):
-    src = collate([s + [tok.eos_id] for s in src_ids], [[] for _ in src_ids], range(len(src_ids)), tok.pad_id, tok.bos_id, tok.eos_id)
+    src = collate(
+        [s + [tok.eos_id] for s in src_ids],
+        [[] for _ in src_ids],
+        range(len(src_ids)),
+        tok.pad_id,
+        tok.bos_id,
+        tok.eos_id,
+    )
     kw = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, **LIMITS)
     if beam_size == 1:
         return [(ids, None) for ids in greedy_search(model, src.src, **kw)]

@@ -24,7 +24,7 @@ from nmt_ls.tokenizer import Tokenizer, train_spm
 
 from conftest import FIXTURE
 
-ctranslate2 = pytest.importorskip("ctranslate2", reason='the ct2 extra is not installed (pip install -e ".[ct2]")')
+pytest.importorskip("ctranslate2", reason='the ct2 extra is not installed (pip install -e ".[ct2]")')
 from nmt_ls import ct2  # noqa: E402
 
 LINES = (FIXTURE / "test.en").read_text(encoding="utf-8").splitlines()[:80]

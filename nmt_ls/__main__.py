@@ -119,11 +119,11 @@ def cmd_translate(args) -> int:
     from nmt_ls.evaluate import read_lines, split_lines, write_lines
 
     _setup_logging()
-    device = resolve_device(args.device)
     if args.engine == "ctranslate2":
         from nmt_ls import ct2
 
-        translator, tok, settings = ct2.load_exported(args.checkpoint, device.type, threads=args.threads)
+        device = "auto" if args.device == "auto" else resolve_device(args.device).type  # "auto": CTranslate2's pick
+        translator, tok, settings = ct2.load_exported(args.checkpoint, device, threads=args.threads)
         e = settings["eval"]
 
         def translate(lines, **kw):
@@ -132,7 +132,7 @@ def cmd_translate(args) -> int:
         from nmt_ls.inference import load_for_inference
         from nmt_ls.inference import translate as torch_translate
 
-        model, tok, cfg = load_for_inference(args.checkpoint, device)
+        model, tok, cfg = load_for_inference(args.checkpoint, resolve_device(args.device))
         e = cfg["eval"]
 
         def translate(lines, **kw):

@@ -1,8 +1,10 @@
-"""``nmt-ls`` (or ``python -m nmt_ls``): prepare, binarize, train, run, translate, score, plot, average.
+"""``nmt-ls`` (or ``python -m nmt_ls``): prepare, binarize, train, run, translate, export, score, plot, average.
 
 nmt-ls run recipes/lohelp_en_de.yaml                 # data, training, test BLEU, plot
 nmt-ls train recipes/lohelp_en_de.yaml train.lr=5e-4 --resume
 nmt-ls translate runs/lohelp_en_de/checkpoint_best.pt < in.en > out.de
+nmt-ls export runs/lohelp_en_de/checkpoint_best.pt --ctranslate2 runs/lohelp_en_de/ct2 --quantization int8
+nmt-ls translate runs/lohelp_en_de/ct2 --engine ctranslate2 < in.en > out.de
 nmt-ls score out.de --ref data/lohelp_en_de/test.de
 """
 
@@ -16,9 +18,11 @@ import time
 from pathlib import Path
 
 from nmt_ls.checkpoint import CheckpointError
+from nmt_ls.ct2 import MissingExtra
 from nmt_ls.prepare import PrepareError
 
 log = logging.getLogger("nmt_ls")
+BAD_INPUT = (FileNotFoundError, FileExistsError, ValueError, CheckpointError, PrepareError, MissingExtra)
 
 
 def _setup_logging(out_dir: Path | None = None) -> None:
@@ -102,7 +106,8 @@ def cmd_run(args) -> int:
     beam, greedy = scores["beam"], scores["greedy"]
     updates, train_minutes = summary["updates"], summary["minutes"]
     print(f"\nrun {cfg.name} finished in {minutes:.1f} min ({updates} updates, {train_minutes:.1f} min training)")
-    print(f"  test BLEU (beam {beam['beam_size']}): {beam['bleu']:.2f}   greedy: {greedy['bleu']:.2f}")
+    print(f"  test BLEU (beam {beam['beam_size']}): {beam['bleu']:.2f}   greedy: {greedy['bleu']:.2f}", end="")
+    print(f"   (decoded with {scores['engine']} {scores['precision']})")
     print(f"  signature:  {scores['beam']['bleu_signature']}")
     print(f"  log:        {summary['log']}")
     print(f"  plot:       {png}")
@@ -115,16 +120,29 @@ def cmd_run(args) -> int:
 def cmd_translate(args) -> int:
     from nmt_ls.distributed import resolve_device
     from nmt_ls.evaluate import read_lines, split_lines, write_lines
-    from nmt_ls.inference import load_for_inference, translate
 
     _setup_logging()
-    device = resolve_device(args.device)
-    model, tok, cfg = load_for_inference(args.checkpoint, device)
+    if args.engine == "ctranslate2":
+        from nmt_ls import ct2
+
+        device = "auto" if args.device == "auto" else resolve_device(args.device).type  # "auto": CTranslate2's pick
+        translator, tok, settings = ct2.load_exported(args.checkpoint, device, threads=args.threads)
+        e = settings["eval"]
+
+        def translate(lines, **kw):
+            return ct2.translate(translator, tok, lines, max_positions=settings["max_positions"], **kw)
+    else:
+        from nmt_ls.inference import load_for_inference
+        from nmt_ls.inference import translate as torch_translate
+
+        model, tok, cfg = load_for_inference(args.checkpoint, resolve_device(args.device))
+        e = cfg["eval"]
+
+        def translate(lines, **kw):
+            return torch_translate(model, tok, lines, **kw)
+
     lines = read_lines(args.input) if args.input != "-" else split_lines(sys.stdin.read())
-    e = cfg["eval"]
     hyps = translate(
-        model,
-        tok,
         lines,
         beam_size=args.beam if args.beam is not None else e["beam_size"],
         len_penalty=args.len_penalty if args.len_penalty is not None else e["len_penalty"],
@@ -134,6 +152,14 @@ def cmd_translate(args) -> int:
         progress=sys.stderr.isatty() or args.progress,
     )
     write_lines(sys.stdout if args.output == "-" else args.output, hyps)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from nmt_ls import ct2
+
+    _setup_logging()
+    print(ct2.export(args.checkpoint, args.ctranslate2, args.quantization, force=args.force))
     return 0
 
 
@@ -190,8 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="encoding processes (default: all CPUs)")
     s.set_defaults(func=cmd_binarize)
 
-    s = sub.add_parser("translate", help="translate a file or stdin with a checkpoint")
-    s.add_argument("checkpoint")
+    s = sub.add_parser("translate", help="translate a file or stdin with a checkpoint (or a CTranslate2 export)")
+    s.add_argument("checkpoint", help="a checkpoint; with --engine ctranslate2, a directory from nmt-ls export")
+    s.add_argument("--engine", choices=("torch", "ctranslate2"), default="torch")
+    s.add_argument("--threads", type=int, default=0, help="ctranslate2 engine: CPU threads (default: its choice)")
     s.add_argument("-i", "--input", default="-", help="input file (default: stdin)")
     s.add_argument("-o", "--output", default="-", help="output file (default: stdout)")
     s.add_argument("--beam", type=int, default=None, help="beam size (1: greedy; default: the recipe's)")
@@ -200,6 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--progress", action="store_true")
     s.set_defaults(func=cmd_translate)
+
+    s = sub.add_parser("export", help="export a checkpoint for deployment (CTranslate2 model directory)")
+    s.add_argument("checkpoint")
+    s.add_argument("--ctranslate2", required=True, metavar="OUT_DIR", help="the CTranslate2 model directory to write")
+    s.add_argument(
+        "--quantization",
+        default="float32",
+        help="weight type: int8, int8_float32, int16, float16, bfloat16, float32 (default: %(default)s)",
+    )
+    s.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("score", help="sacreBLEU BLEU, chrF++ and TER of hypothesis files, with paired tests")
     s.add_argument("hyp", nargs="+", help="hypothesis files; with a paired test the first is the baseline")
@@ -237,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except (FileNotFoundError, ValueError, CheckpointError, PrepareError) as e:  # bad input: one line, no traceback
+    except BAD_INPUT as e:  # bad input: one line, no traceback
         print(f"nmt-ls {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:  # the command's log handlers end with it (main() may be called again, e.g. in tests)

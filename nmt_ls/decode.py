@@ -5,7 +5,8 @@ Shared conventions:
     * Sentence i may produce at most ``int(max_len_a * src_len_i + max_len_b)`` tokens before
       eos (fairseq semantics; ``src_len_i`` excludes padding), capped so that the decoder input
       fits in ``model.max_positions``. At that length eos is forced.
-    * pad and bos are never generated.
+    * pad and bos are never generated: they are masked before the softmax, so the scores are
+      log-probabilities over the tokens that can be emitted (as CTranslate2 computes them).
     * The search runs the model in eval mode and restores its previous mode afterwards.
     * ``use_cache=True`` runs one position per step on the incremental K/V cache;
       ``use_cache=False`` re-runs the full prefix each step (slow reference).
@@ -36,10 +37,11 @@ def _next_lprobs(
         features = model.decode(tokens[:, -1:], memory, src_pad_mask, cache)  # (N, 1, D)
     else:
         features = model.decode(tokens, memory, src_pad_mask)  # (N, t, D)
-    lprobs = torch.log_softmax(model.project(features[:, -1]).float(), dim=-1)  # (N, V)
-    lprobs[:, pad_id] = -math.inf
-    lprobs[:, bos_id] = -math.inf
-    return lprobs
+    logits = model.project(features[:, -1]).float()  # (N, V)
+    # pad and bos can never be emitted: the distribution is over the tokens that can.
+    logits[:, pad_id] = -math.inf
+    logits[:, bos_id] = -math.inf
+    return torch.log_softmax(logits, dim=-1)
 
 
 @contextmanager

@@ -30,11 +30,14 @@ def random_src(seed, batch_size=6, max_len=9):
 
 
 def sequence_logprob(model, src_row, hyp):
-    """Sum of log p(y_t | y_<t, x) over hyp + eos, by teacher forcing (the oracle)."""
+    """Sum of log p(y_t | y_<t, x) over hyp + eos, by teacher forcing (the oracle); p is the
+    distribution over the tokens that can be emitted (pad and bos masked before the softmax)."""
     src_row = src_row[src_row.ne(PAD)][None]
     tgt_in = torch.tensor([[BOS] + hyp])
     with torch.no_grad():
-        lprobs = model(src_row, tgt_in)[0].log_softmax(-1)  # (T, V)
+        logits = model(src_row, tgt_in)[0]  # (T, V)
+        logits[:, [PAD, BOS]] = -torch.inf
+        lprobs = logits.log_softmax(-1)
     return lprobs[torch.arange(len(hyp) + 1), torch.tensor(hyp + [EOS])].sum().item()
 
 

@@ -1,0 +1,177 @@
+"""CTranslate2 export and decoding (nmt_ls.ct2): the exported model decodes as our torch search does.
+
+The models are untrained with random weights, their eos logit raised so that many hypotheses end
+before the length limit (where the engines differ by design: ours forces eos, CTranslate2 keeps its
+best token). Id equality needs a faithful export, not a good translator.
+"""
+
+import json
+import logging
+import sys
+
+import pytest
+import torch
+
+from nmt_ls import checkpoint
+from nmt_ls.__main__ import main
+from nmt_ls.batching import collate
+from nmt_ls.config import EvalConfig, to_dict
+from nmt_ls.decode import beam_search, greedy_search
+from nmt_ls.inference import encode_sources, load_for_inference, score_test_split
+from nmt_ls.inference import translate as torch_translate
+from nmt_ls.model import build_model
+from nmt_ls.tokenizer import Tokenizer, train_spm
+
+from conftest import FIXTURE
+
+pytest.importorskip("ctranslate2", reason='the ct2 extra is not installed (pip install -e ".[ct2]")')
+from nmt_ls import ct2  # noqa: E402
+
+LINES = (FIXTURE / "test.en").read_text(encoding="utf-8").splitlines()[:80]
+MODELS = {  # model options, and the factor on the eos row of the output projection
+    "default": (dict(), 8.0),
+    "post_norm_untied": (dict(pre_norm=False, tie_embeddings=False), 4.0),
+    "learned_untied": (dict(positions="learned", tie_embeddings=False), 3.0),
+}
+LIMITS = dict(max_len_a=1.2, max_len_b=10)
+EVAL = dict(beam_size=4, len_penalty=1.0, **LIMITS)
+
+
+@pytest.fixture(scope="module")
+def spm_path(tmp_path_factory):
+    prefix = tmp_path_factory.mktemp("spm") / "spm"
+    return train_spm([FIXTURE / "train.en", FIXTURE / "train.de"], prefix, vocab_size=500)
+
+
+def random_checkpoint(path, spm_path, seed=0, eos_factor=8.0, **model_kwargs):
+    """An nmt_ls checkpoint of an untrained model whose eos logit is raised by ``eos_factor``."""
+    tok = Tokenizer(spm_path)
+    kwargs = dict(d_model=32, n_heads=4, ffn_dim=64, enc_layers=2, dec_layers=2, dropout=0.0, max_positions=256)
+    kwargs.update(model_kwargs)
+    torch.manual_seed(seed)
+    model = build_model(tok.vocab_size, tok.pad_id, **kwargs)
+    with torch.no_grad():
+        model.output_weight[tok.eos_id] *= eos_factor
+    config = {"model": kwargs, "eval": {**to_dict(EvalConfig()), **EVAL}}
+    state = {"format": checkpoint.FORMAT, "model": model.state_dict(), "config": config, "update": 0}
+    checkpoint.atomic_save({**state, "spm": checkpoint.spm_to_tensor(spm_path)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, spm_path):
+    """A model whose hypotheses all end before the length limit, so whole outputs can be compared."""
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint_best.pt"
+    return random_checkpoint(path, spm_path, seed=1, eos_factor=5.0, positions="learned", tie_embeddings=False)
+
+
+def torch_ids(model, tok, src_ids, beam_size):
+    src = collate(
+        [s + [tok.eos_id] for s in src_ids],
+        [[] for _ in src_ids],
+        range(len(src_ids)),
+        tok.pad_id,
+        tok.bos_id,
+        tok.eos_id,
+    )
+    kw = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, **LIMITS)
+    if beam_size == 1:
+        return [(ids, None) for ids in greedy_search(model, src.src, **kw)]
+    return [nbest[0] for nbest in beam_search(model, src.src, beam_size=beam_size, **kw)]
+
+
+@pytest.mark.parametrize("variant", MODELS)
+def test_float32_export_decodes_like_torch(tmp_path, spm_path, variant):
+    model_kwargs, eos_factor = MODELS[variant]
+    path = random_checkpoint(tmp_path / "ckpt.pt", spm_path, seed=1, eos_factor=eos_factor, **model_kwargs)
+    ct2.export(path, tmp_path / "ct2", quantization="float32")
+    model, tok, _ = load_for_inference(path)
+    translator, _, settings = ct2.load_exported(tmp_path / "ct2", threads=1)
+    src_ids = encode_sources(tok, LINES, model.max_positions)
+    limits = [int(1.2 * (len(s) + 1) + 10) for s in src_ids]
+    for beam_size in (1, 4):
+        ours = torch_ids(model, tok, src_ids, beam_size)
+        theirs = ct2.decode_ids(
+            translator, tok, src_ids, beam_size=beam_size, max_positions=settings["max_positions"], **LIMITS
+        )
+        if beam_size == 1:  # greedy agrees even at the limit (CTranslate2's extra token is cut)
+            assert [ids for ids, _ in theirs] == [ids for ids, _ in ours]
+            continue
+        # Where a beam reaches the limit, ours scores it with eos forced and CTranslate2 with its best
+        # token, so either may then win; compare the sentences that both engines end before it.
+        ended = [i for i in range(len(LINES)) if max(len(ours[i][0]), len(theirs[i][0])) < limits[i]]
+        assert len(ended) >= 15 and len({len(ours[i][0]) for i in ended}) >= 8  # many, of varied lengths
+        assert [theirs[i][0] for i in ended] == [ours[i][0] for i in ended]
+        assert [theirs[i][1] for i in ended] == pytest.approx([ours[i][1] for i in ended], abs=1e-4)
+
+
+def test_int8_export_loads_and_translates(tmp_path, ckpt):
+    ct2.export(ckpt, tmp_path / "int8", quantization="int8")
+    translator, tok, settings = ct2.load_exported(tmp_path / "int8", threads=1)
+    assert settings["quantization"] == "int8" and settings["eval"]["beam_size"] == 4
+    assert translator.compute_type == "int8_float32"
+    model, _, _ = load_for_inference(ckpt)
+    reference = torch_translate(model, tok, LINES, **EVAL)
+    hyps = ct2.translate(translator, tok, LINES, **EVAL, max_positions=settings["max_positions"])
+    assert len(hyps) == len(LINES) and sum(bool(h) for h in reference) >= 20
+    assert sum(h == r for h, r in zip(hyps, reference) if r) >= 10  # int8 rounds; most outputs survive it
+
+
+def test_export_dir_alone_translates_like_the_checkpoint(tmp_path, ckpt, monkeypatch, capsys):
+    """The CLI: export, then translate with either engine; the export carries spm and eval settings."""
+    out = tmp_path / "ct2"
+    assert main(["export", str(ckpt), "--ctranslate2", str(out)]) == 0
+    assert {"model.bin", "spm.model", "nmt_ls.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "nmt_ls.json").read_text())["eval"]["beam_size"] == 4
+    src = tmp_path / "in.en"
+    src.write_text("\n".join(LINES[:10]) + "\n", encoding="utf-8")
+    assert main(["translate", str(ckpt), "-i", str(src), "-o", str(tmp_path / "torch.de")]) == 0
+    assert main(["translate", str(out), "--engine", "ctranslate2", "-i", str(src), "-o", str(tmp_path / "ct2.de")]) == 0
+    assert (tmp_path / "ct2.de").read_text() == (tmp_path / "torch.de").read_text()
+    assert main(["export", str(ckpt), "--ctranslate2", str(out)]) == 2
+    assert "already exists (use --force to replace it)" in capsys.readouterr().err
+
+
+def test_long_sources_are_cut_with_a_warning_and_empty_lines_stay_empty(tmp_path, spm_path, caplog):
+    path = random_checkpoint(tmp_path / "ckpt.pt", spm_path)  # a model that says something for "" alone
+    ct2.export(path, tmp_path / "ct2")
+    translator, tok, settings = ct2.load_exported(tmp_path / "ct2", threads=1)
+    model, _, _ = load_for_inference(path)
+    long_line = " ".join(LINES[:30])  # far more than the 255 subwords that fit
+    assert len(tok.encode(long_line)) > 300
+    lines = ["", LINES[2], "", long_line, "   ", LINES[3]]
+    for engine in ("torch", "ctranslate2"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="nmt_ls"):
+            if engine == "torch":
+                hyps = torch_translate(model, tok, lines, **EVAL)
+            else:
+                hyps = ct2.translate(translator, tok, lines, **EVAL, max_positions=settings["max_positions"])
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings == ["1 source line(s) longer than 255 subwords were cut to fit the model"]
+        assert len(hyps) == 6 and hyps[0] == hyps[2] == hyps[4] == ""
+        assert all(hyps[i] for i in (1, 3, 5))
+
+
+def test_missing_extra_is_a_one_line_error(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # import ctranslate2 raises ImportError
+    assert main(["export", str(ckpt), "--ctranslate2", str(tmp_path / "ct2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('nmt-ls export: error: the ctranslate2 engine needs the "ct2" extra: pip install -e ".[ct2]"')
+    assert err.count("\n") == 1
+
+
+def test_test_split_is_scored_with_ctranslate2_when_installed(tmp_path, ckpt, monkeypatch):
+    refs = (FIXTURE / "test.de").read_text(encoding="utf-8").splitlines()[:20]
+    args = (LINES[:20], refs, {**to_dict(EvalConfig()), **EVAL})
+    ours = score_test_split(ckpt, *args, tmp_path / "ct2_run", "de")
+    assert (ours["engine"], ours["precision"]) == ("ctranslate2", "float32")
+    assert (tmp_path / "ct2_run" / "ct2" / "model.bin").is_file()
+    monkeypatch.setattr(ct2, "available", lambda: False)
+    (tmp_path / "torch_run").mkdir()
+    theirs = score_test_split(ckpt, *args, tmp_path / "torch_run", "de")
+    assert (theirs["engine"], theirs["precision"]) == ("torch", "float32")
+    for name in ("greedy", "beam"):
+        hyps = (tmp_path / "ct2_run" / f"test.{name}.de").read_text()
+        assert hyps == (tmp_path / "torch_run" / f"test.{name}.de").read_text()
+        assert ours[name]["bleu"] == theirs[name]["bleu"]

@@ -85,10 +85,10 @@ def cmd_run(args) -> int:
     cfg = load_recipe(args.recipe, args.overrides)
     out_dir = Path(cfg.out_dir)
     _setup_logging(out_dir)
-    test = load_splits(cfg.data, splits=("test",))["test"]  # prepares the corpus if it must
-    summary = train(cfg, resume=args.resume, started=start, test_sentences=len(test))
+    summary = train(cfg, resume=args.resume, started=start, test_split=True)
     if not is_main_process():  # under torchrun, rank 0 alone decodes the test split, writes and prints
         return 0
+    test = load_splits(cfg.data, splits=("test",))["test"]
     scores = score_test_split(
         summary["checkpoint_best"],
         [s for s, _ in test],

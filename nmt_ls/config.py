@@ -125,7 +125,7 @@ class TrainConfig:
     cooldown_fraction: float = 0.2  # wsd: share of the updates in the final cooldown to end_lr
     cooldown_shape: str = "linear"  # wsd: linear | 1-sqrt
     stable_phase: str = "constant"  # wsd: constant | inverse_sqrt
-    plan_window_updates: int = 50  # wsd: updates per window over which the update rate is measured
+    plan_window_updates: int = 20  # wsd: updates per window over which the update rate is measured
     max_warmup_fraction: float = 0.1  # wsd planned from max_minutes: the warmup is at most this share of the run
     betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-8

@@ -63,7 +63,8 @@ def cpu_model() -> str:
 
 def matmul_gflops(n: int = 1024, seconds: float = 0.5) -> float:
     """fp32 matmul GFLOP/s on this process's threads: (n x n) @ (n x n), repeated for ``seconds``."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    gen = torch.Generator().manual_seed(0)  # not the global RNG: a resumed run's dropout masks stay exact
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     a @ b  # first call: allocation and kernel choice
     count, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds or count < 2:

@@ -130,6 +130,7 @@ class WarmupStableDecay(torch.optim.lr_scheduler.LRScheduler):
         self.stable_phase, self.cooldown_shape = stable_phase, cooldown_shape
         self.end_ratio = end_lr / peak if peak > 0 else 0.0
         self.cooldown_from = None  # the factor the cooldown starts from; None: the stable level there
+        self.warmup_from = None  # (update, factor) the warmup goes on from after a change of its length
         self.total_updates, self.cooldown_updates = self._checked_total(total_updates)
         super().__init__(optimizer, last_epoch)
 
@@ -153,6 +154,9 @@ class WarmupStableDecay(torch.optim.lr_scheduler.LRScheduler):
 
     def factor(self, step: int) -> float:
         """Multiplier of the peak lr at update ``step`` (0-based)."""
+        if self.warmup_from is not None and self.warmup_from[0] <= step < self.warmup_steps <= self.cooldown_start:
+            start, level = self.warmup_from
+            return level + (1.0 - level) * (step + 1 - start) / (self.warmup_steps - start)
         if self.cooldown_from is None or step < self.cooldown_start:
             return wsd_factor(
                 step,
@@ -170,14 +174,19 @@ class WarmupStableDecay(torch.optim.lr_scheduler.LRScheduler):
     def get_lr(self) -> list[float]:
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]
 
-    def set_total_updates(self, total_updates: int, warmup_steps: int | None = None) -> None:
+    def set_total_updates(self, total_updates: int, warmup_steps: int | None = None, refit: bool = False) -> None:
         """Fix the run's length (cooldown included) now, and the warmup if given; the next update
         already takes its lr. If the cooldown of ``total_updates`` would have begun before now
-        (or the current one has), the cooldown runs from now to ``total_updates``, from the lr of now."""
+        (or the current one has, unless ``refit``), the cooldown runs from now to
+        ``total_updates``, from the lr of now. With ``refit`` (a resumed run given a longer
+        budget), a total whose cooldown starts later takes the lrs it would have given from the
+        start: the stable phase, then its cooldown."""
         done = max(self.last_epoch, 0)
         now = self.factor(done)
-        began = self.total_updates and done > self.cooldown_start
-        if warmup_steps is not None:
+        began = self.total_updates and done > self.cooldown_start and not refit
+        if warmup_steps is not None and warmup_steps != self.warmup_steps:
+            # a warmup of another length goes on from the lr of now, linearly to the peak
+            self.warmup_from = (done, now) if done < warmup_steps else None
             self.warmup_steps = warmup_steps
         cooldown = round(self.cooldown_fraction * total_updates)
         if total_updates and (began or total_updates - cooldown < done):

@@ -118,6 +118,7 @@ class Run:
     test_sentences: int = 0  # sentences that `nmt-ls run` decodes after training: their time is reserved
     epoch_batches: int = 0  # the current epoch's batches, all workers' together
     clock: float = 0.0  # time.time() at which the run, all its processes together, would have started
+    refit: bool = False  # resumed with another budget: the next plan re-fits the schedule (see set_total_updates)
     timing: Timing = field(default_factory=Timing)
     window: list[dict] = field(default_factory=list)  # update results since the last train line
     window_start: float = 0.0
@@ -377,7 +378,7 @@ def apply_schedule_changes(run: Run, old: dict) -> None:
             run.progress.update,
         )
     if isinstance(sched, WarmupStableDecay) and t.max_updates > 0 and t.max_updates != sched.total_updates:
-        sched.set_total_updates(t.max_updates)
+        sched.set_total_updates(t.max_updates, refit=True)
         log.info(
             "--resume: the wsd schedule now ends at train.max_updates=%d (was %d); cooldown from update %d",
             t.max_updates,
@@ -385,6 +386,7 @@ def apply_schedule_changes(run: Run, old: dict) -> None:
             sched.cooldown_start,
         )
     if run.planning and t.max_minutes != old["max_minutes"]:
+        run.refit = True
         log.info("--resume: train.max_minutes %g -> %g: the plan is fixed again", old["max_minutes"], t.max_minutes)
 
 
@@ -457,7 +459,7 @@ def load_last(out_dir: Path) -> dict:
     return checkpoint.load(path)
 
 
-def setup(cfg: RunConfig, resume: bool, test_sentences: int = 0) -> Run:
+def setup(cfg: RunConfig, resume: bool, test_split: bool = False) -> Run:
     """Process group, data, tokenizer, model, criterion, optimizer and schedule; with
     ``resume``, their states and the progress from ``out_dir/checkpoint_last.pt``; then the
     precision (``train.amp``), chosen on this machine unless the checkpoint fixed it."""
@@ -477,6 +479,7 @@ def setup(cfg: RunConfig, resume: bool, test_sentences: int = 0) -> Run:
     tok = load_tokenizer(cfg, world, ckpt)
     data = open_data(cfg, tok, world)
     valid_batches, bleu_src, bleu_ref = valid_data(cfg, tok, data["valid"])
+    test_sentences = len(load_splits(cfg.data, ("test",))["test"]) if test_split and world.is_main else 0
     model = build_model(tok.vocab_size, tok.pad_id, **dataclasses.asdict(cfg.model)).to(world.device)
     criterion = build_criterion(**criterion_kwargs(cfg, tok.pad_id))
     optimizer = build_optimizer(model, t.lr, t.betas, t.adam_eps, t.weight_decay)
@@ -826,15 +829,15 @@ def plan_updates(run: Run) -> None:
     seconds_left = PLAN_TARGET * 60 * t.max_minutes - run.reserve_s() - p.elapsed
     total = plan_total_updates(seconds_left, p.update_s, p.update, cadence, p.validation_s, max_total)
     total = run.world.broadcast(total)
-    if p.planned_updates and abs(total - p.planned_updates) <= PLAN_SLACK * p.planned_updates:
+    if p.planned_updates and abs(total - p.planned_updates) <= PLAN_SLACK * p.planned_updates and not run.refit:
         return
     cooldown_start = total - round(t.cooldown_fraction * total)
     if p.planned_updates:
         warmup = min(sched.warmup_steps, cooldown_start)
     else:
         warmup = min(t.warmup_steps, max(p.update + 1, round(t.max_warmup_fraction * total)), cooldown_start)
-    sched.set_total_updates(total, max(warmup, 0))
-    first, p.planned_updates = not p.planned_updates, total
+    sched.set_total_updates(total, max(warmup, 0), refit=run.refit)
+    first, p.planned_updates, run.refit = not p.planned_updates, total, False
     log.info(
         "wsd %s: %d updates in train.max_minutes=%g (%.3f s per update, %.1f s per validation, %.0f s "
         "kept for test decoding); warmup %d, cooldown from update %d; pin it with train.max_updates=%d "
@@ -963,22 +966,22 @@ def train_epoch(run: Run, batches: list) -> str | None:
     return reason
 
 
-def train(cfg: RunConfig, resume: bool = False, started: float | None = None, test_sentences: int = 0) -> dict:
+def train(cfg: RunConfig, resume: bool = False, started: float | None = None, test_split: bool = False) -> dict:
     """Train as ``cfg`` says; returns a summary (updates, best metric, paths, minutes).
 
     With ``resume``, continue from ``out_dir/checkpoint_last.pt`` exactly where it stopped:
     same data position, RNG states, optimizer and schedule, so the loss curve continues as
     if the run had never stopped. ``train.max_minutes`` counts from ``started`` (default: now),
-    set-up included; ``test_sentences`` (from ``nmt-ls run``) have their decoding time kept
-    out of it.
+    set-up included; with ``test_split`` (``nmt-ls run``) the time to decode the test split
+    after training is kept out of it.
     """
     started = time.time() if started is None else started
     check_config(cfg)  # before any data work
-    run = setup(cfg, resume, test_sentences)
+    run = setup(cfg, resume, test_split)
     t, p = run.cfg.train, run.progress
     run.clock, run.window_start = started - p.elapsed, time.time()
     run.model.train()
-    while (reason := stop_reason(run)) is None:
+    while True:
         lens = (run.train_data.src_lens, run.train_data.tgt_lens)
         batches = batch_by_tokens(*lens, t.max_tokens, seed=t.seed, epoch=p.epoch, shuffle=True)
         if len(batches) < run.world.world_size:
@@ -986,8 +989,7 @@ def train(cfg: RunConfig, resume: bool = False, started: float | None = None, te
             raise ValueError(f"train.max_tokens={t.max_tokens} makes {n} batches an epoch, too few for {k} workers")
         run.epoch_batches = len(batches)
         plan_updates(run)  # from the rate measured so far (e.g. the checkpoint's), for this epoch's length
-        reason = train_epoch(run, batches)
-        if reason is not None:
+        if (reason := stop_reason(run)) is not None or (reason := train_epoch(run, batches)) is not None:
             break
         p.epoch, p.global_batch = p.epoch + 1, 0  # the epoch is over, whatever its last update did
         if p.validated_at != p.update:

@@ -50,3 +50,18 @@ class NaNAt(LabelSmoothedCrossEntropyCriterion):
                 out.loss = out.loss * float("nan")
         return out
 """
+
+
+class FakeClock:
+    """``time`` for the loop: it moves only when an update or a validation runs (``advance``)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+    perf_counter = time
+
+    def advance(self, seconds: float):
+        self.now += seconds

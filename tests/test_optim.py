@@ -198,10 +198,12 @@ def test_wsd_shorter_total_inside_the_cooldown_goes_on_from_the_lr_of_now():
     assert all(a >= b for lrs in (shorter[3:], longer[3:]) for a, b in zip(lrs, lrs[1:]))  # after the warmup
 
 
-def test_wsd_first_plan_shortens_the_warmup():
-    # warmup 100 asked for, a plan of 40 updates after 3 updates sets it to 4: the 4th update is at the peak
-    got = replanned_lrs(6, {3: (40, 4)}, warmup=100, cooldown_fraction=0.2)
-    assert got == pytest.approx([2e-5, 4e-5, 6e-5, 2e-3, 2e-3, 2e-3], rel=1e-12)
+def test_wsd_first_plan_shortens_the_warmup_from_the_lr_of_now():
+    # warmup 100 asked for; after 3 updates a plan of 40 updates sets it to 6: the lr goes on
+    # linearly from 8e-5 (update 4's under the old warmup) to the peak at update 6, as a warmup of 6 would
+    got = replanned_lrs(8, {3: (40, 6)}, warmup=100, cooldown_fraction=0.2)
+    rise = [8e-5 + (2e-3 - 8e-5) * j / 3 for j in (1, 2, 3)]
+    assert got == pytest.approx([2e-5, 4e-5, 6e-5, *rise, 2e-3, 2e-3], rel=1e-12)
 
 
 def test_wsd_set_peak_keeps_the_shape():

@@ -23,7 +23,7 @@ from nmt_ls.model import build_model
 from nmt_ls.optim import build_optimizer, build_scheduler
 from nmt_ls.train import setup, train, validation_loss
 
-from conftest import FIXTURE, NAN_PLUGIN, ROOT, SMOKE_RECIPE, overrides
+from conftest import FIXTURE, NAN_PLUGIN, ROOT, SMOKE_RECIPE, FakeClock, overrides
 
 # Few, large batches: an epoch of the fixture is a handful of updates.
 FAST = ("train.max_tokens=12000", "train.log_every_updates=1", "model.dropout=0.0")
@@ -128,7 +128,7 @@ def test_stale_sentencepiece_model_is_retrained(tmp_path):
     [
         ("train.update_freq=0", r"train.update_freq must be >= 1, got 0"),
         ("train.best_metric='BLEU'", r"train.best_metric must be one of bleu, ppl, got 'BLEU'"),
-        ("train.amp='fp8'", r"train.amp must be one of none, bf16, got 'fp8'"),
+        ("train.amp='fp8'", r"train.amp must be one of auto, none, bf16, got 'fp8'"),
         ("criterion.implementation='fast'", r"criterion.implementation must be one of reference, fused, chunked"),
         ("criterion.smoothing='gaussian'", r"smoothing must be one of .*, got 'gaussian'"),
         ("criterion.name='focal'", r"criterion.name: unknown criterion 'focal'"),
@@ -164,19 +164,6 @@ def test_prepare_without_apt_get_is_a_one_line_error(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "nmt-ls train: error:" in err and "apt-get" in err
-
-
-class FakeClock:
-    """``time.time`` for the loop: it moves only when an update or a validation runs."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def time(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float):
-        self.now += seconds
 
 
 @pytest.mark.parametrize("max_minutes", [0.2, 0.15])  # the budget, and the same cut by 25%

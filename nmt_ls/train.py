@@ -38,7 +38,16 @@ from nmt_ls.criterions import CRITERIONS, build_criterion, import_user_module, r
 from nmt_ls.data import load_splits
 from nmt_ls.distributed import World, init_world
 from nmt_ls.evaluate import corpus_bleu
-from nmt_ls.hardware import AMP, choose_amp, cpu_capability, cpu_model, matmul_gflops, native_bf16, usable_cores
+from nmt_ls.hardware import (
+    AMP,
+    choose_amp,
+    cpu_capability,
+    cpu_model,
+    matmul_gflops,
+    native_bf16,
+    release_freed_memory,
+    usable_cores,
+)
 from nmt_ls.inference import translate
 from nmt_ls.model import build_model
 from nmt_ls.optim import (
@@ -65,6 +74,8 @@ RUN_TAIL_S = 20.0
 # Valid sentences decoded (greedy and beam) to estimate decoding speed before the first validation.
 DECODE_PROBE_SENTENCES = 32
 BEST_METRICS = ("bleu", "ppl")
+# Every this many updates the heap's free pages go back to the system (see release_freed_memory).
+TRIM_EVERY = 10
 
 
 @dataclass
@@ -958,6 +969,8 @@ def train_epoch(run: Run, batches: list) -> str | None:
             skip_bad_update(run, run.bad_updates)
             continue
         p.update += 1
+        if p.update % TRIM_EVERY == 0 and run.world.device.type == "cpu":
+            release_freed_memory()
         measure_rate(run, time.time() - step_start)
         record = after_update(run, result, len(batches))
         if record:

@@ -9,8 +9,9 @@ the same batches for every configuration. Printed: the CPU (model, torch's capab
 bf16 or not), fp32 matmul GFLOP/s on the run's threads, and per configuration target tokens/s,
 seconds per update, peak RSS and tokens/s as a ratio of float32's in the same run.
 
-``--wait-policy`` measures instead the OpenMP wait policy (libgomp's default spin-then-sleep
-vs ``OMP_WAIT_POLICY=PASSIVE``) in float32, alone and next to one busy process.
+``--wait-policy`` measures instead the OpenMP wait policy (libgomp's default spin-then-sleep,
+run with the variable unset, vs ``OMP_WAIT_POLICY=PASSIVE``, which nmt-ls sets) in float32,
+alone and next to one busy process.
 
 Run it alone on the machine (e.g. under ../shared/tools/quiet): times are only comparable
 within one run.
@@ -27,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+# as the nmt-ls command sets it before torch loads (nmt_ls/__main__.py); the wait policy is measured
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -67,7 +70,8 @@ def run_child(args, overrides: list[str], env: dict | None = None, neighbour: bo
     cmd += ["--warmup", str(args.warmup)]
     busy = subprocess.Popen([sys.executable, "-c", BUSY]) if neighbour else None
     try:
-        out = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, check=True)
+        child_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}  # None: unset
+        out = subprocess.run(cmd, env=child_env, capture_output=True, text=True, check=True)
     except subprocess.CalledProcessError as e:
         sys.exit(f"bench_train: {' '.join(overrides)} failed:\n{e.stderr[-3000:]}")
     finally:
@@ -112,7 +116,7 @@ def main() -> None:
         rows = []
         for neighbour in (False, True):
             for policy in ("default", "PASSIVE"):
-                env = {} if policy == "default" else {"OMP_WAIT_POLICY": policy}
+                env = {"OMP_WAIT_POLICY": None if policy == "default" else policy}
                 r = run_child(args, [*base, "train.amp='none'"], env, neighbour)
                 rows.append((policy, "one busy process" if neighbour else "alone", r))
         print("\n| OMP_WAIT_POLICY | machine | s/update | tokens/s | x default alone |")

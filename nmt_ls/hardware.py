@@ -124,7 +124,7 @@ def release_freed_memory() -> None:
 
     Batches of ever-changing shapes fragment glibc's heap: under bf16 autocast, where every
     matmul also allocates bf16 copies, a 2-core run's RSS grew past 2.3 GB in 120 updates;
-    trimming every 10 updates kept it under 1.5 GB (tools/bench_train.py, docs in the README)."""
+    trimming after every update kept it under 1.5 GB (tools/bench_train.py; README)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -74,8 +74,10 @@ RUN_TAIL_S = 20.0
 # Valid sentences decoded (greedy and beam) to estimate decoding speed before the first validation.
 DECODE_PROBE_SENTENCES = 32
 BEST_METRICS = ("bleu", "ppl")
-# Every this many updates the heap's free pages go back to the system (see release_freed_memory).
-TRIM_EVERY = 10
+# Every this many updates the heap's free pages go back to the system (see release_freed_memory):
+# under bf16 autocast every update (a 2-core AVX-512 BF16 CPU: peak RSS 1.48 GB in 123 updates
+# instead of 2.37 GB, at 0.91x the tokens/s; every 10 updates, a whole run still peaked at 2.42 GB).
+TRIM_EVERY = {"bf16": 1, "none": 10}
 
 
 @dataclass
@@ -969,7 +971,7 @@ def train_epoch(run: Run, batches: list) -> str | None:
             skip_bad_update(run, run.bad_updates)
             continue
         p.update += 1
-        if p.update % TRIM_EVERY == 0 and run.world.device.type == "cpu":
+        if p.update % TRIM_EVERY[run.cfg.train.amp] == 0 and run.world.device.type == "cpu":
             release_freed_memory()
         measure_rate(run, time.time() - step_start)
         record = after_update(run, result, len(batches))

@@ -289,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     except BAD_INPUT as e:  # bad input: one line, no traceback
         print(f"nmt-ls {args.command}: error: {e}", file=sys.stderr)
         return 2
-    finally:  # the command's log handlers end with it (main() may be called again, e.g. in tests)
+    finally:  # the command's process group and log handlers end with it (main() may be called again)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # its groups' threads must not outlive the interpreter
         root = logging.getLogger()
         for handler in root.handlers[:]:
             root.removeHandler(handler)

@@ -15,6 +15,7 @@ from), ``train_log.jsonl`` (one JSON object per logged update and per validation
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -435,7 +436,8 @@ def choose_precision(run: Run, ckpt: dict | None) -> None:
         amp = ckpt["config"]["train"]["amp"]
         choice = (amp, f"{amp}, as the checkpoint was trained")
     else:
-        c = choose_amp(t.amp, world.device, lambda amp: tokens_per_second(run, probe_batches(run), amp))
+        batches = functools.cache(lambda: probe_batches(run))  # built once, for both precisions
+        c = choose_amp(t.amp, world.device, lambda amp: tokens_per_second(run, batches(), amp))
         choice = (c.amp, c.reason)
     amp, reason = world.broadcast(choice)
     run.cfg = dataclasses.replace(run.cfg, train=dataclasses.replace(t, amp=amp))
@@ -812,10 +814,11 @@ def probe_decoding(run: Run) -> None:
             start = time.time()
             translate(run.model, run.tok, src, beam, e.len_penalty, e.max_len_a, e.max_len_b, e.max_tokens)
             seconds.append(time.time() - start)
-        start = time.time()
-        validation_loss(run)
         p.greedy_s, p.beam_ratio = seconds[0] / len(src), seconds[1] / max(seconds[0], 1e-9)
-        p.validation_s = p.validation_s or time.time() - start + p.greedy_s * len(run.bleu_src)
+        if not p.validation_s:  # none measured yet: a pass of the valid loss and greedy BLEU's decoding
+            start = time.time()
+            validation_loss(run)
+            p.validation_s = time.time() - start + p.greedy_s * len(run.bleu_src)
     p.greedy_s, p.beam_ratio, p.validation_s = run.world.broadcast((p.greedy_s, p.beam_ratio, p.validation_s))
 
 

@@ -16,7 +16,7 @@ import os
 # fill the default cache of 1024 with bf16 matmul primitives; 32 kept bf16 autocast's RSS 400 MB
 # lower and its updates 7% faster on a 2-core AVX-512 BF16 CPU (tools/bench_train.py).
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
-# OpenMP threads that sleep when idle: as fast alone and 1.29x the updates per second next to one
+# OpenMP threads that sleep when idle: as fast alone and 1.41x the updates per second next to one
 # busy process on 2 cores, where spinning threads wait for a core (tools/bench_train.py --wait-policy).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

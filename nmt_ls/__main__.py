@@ -25,10 +25,11 @@ import json
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from nmt_ls.checkpoint import CheckpointError
-from nmt_ls.ct2 import MissingExtra
+from nmt_ls.engines import MissingExtra
 from nmt_ls.prepare import PrepareError
 
 log = logging.getLogger("nmt_ls")
@@ -84,11 +85,11 @@ def cmd_binarize(args) -> int:
 
 def cmd_run(args) -> int:
     """The main job: prepare the data, train, score the test split, plot the curves."""
-    from nmt_ls.config import load_recipe, to_dict
+    from nmt_ls.config import load_recipe
     from nmt_ls.data import load_splits
     from nmt_ls.distributed import is_main_process, resolve_device
-    from nmt_ls.inference import score_test_split
     from nmt_ls.plot import plot_log
+    from nmt_ls.scoring import score_test_split
     from nmt_ls.train import train
 
     start = time.time()
@@ -99,15 +100,8 @@ def cmd_run(args) -> int:
     if not is_main_process():  # under torchrun, rank 0 alone decodes the test split, writes and prints
         return 0
     test = load_splits(cfg.data, splits=("test",))["test"]
-    scores = score_test_split(
-        summary["checkpoint_best"],
-        [s for s, _ in test],
-        [r for _, r in test],
-        to_dict(cfg.eval),
-        out_dir,
-        cfg.data.tgt_lang,
-        resolve_device(cfg.train.device),
-    )
+    device = resolve_device(cfg.train.device)
+    scores = score_test_split(summary["checkpoint_best"], test, cfg.eval, out_dir, cfg.data.tgt_lang, device)
     png = plot_log(summary["log"], out_dir / "curves.png")
     minutes = (time.time() - start) / 60
     (out_dir / "summary.json").write_text(
@@ -128,6 +122,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_translate(args) -> int:
+    from dataclasses import replace
+
+    from nmt_ls.config import EvalConfig, from_dict
     from nmt_ls.distributed import resolve_device
     from nmt_ls.evaluate import read_lines, split_lines, write_lines
 
@@ -137,30 +134,23 @@ def cmd_translate(args) -> int:
 
         device = "auto" if args.device == "auto" else resolve_device(args.device).type  # "auto": CTranslate2's pick
         translator, tok, settings = ct2.load_exported(args.checkpoint, device, threads=args.threads)
-        e = settings["eval"]
-
-        def translate(lines, **kw):
-            return ct2.translate(translator, tok, lines, max_positions=settings["max_positions"], **kw)
+        saved = from_dict(EvalConfig, settings["eval"], "eval")
+        translate = partial(ct2.translate, translator, tok, max_positions=settings["max_positions"])
     else:
-        from nmt_ls.inference import load_for_inference
-        from nmt_ls.inference import translate as torch_translate
+        from nmt_ls import engines, inference
 
-        model, tok, cfg = load_for_inference(args.checkpoint, resolve_device(args.device))
-        e = cfg["eval"]
+        model, tok, cfg = engines.load_for_inference(args.checkpoint, resolve_device(args.device))
+        saved = from_dict(EvalConfig, cfg["eval"], "eval")
+        translate = partial(inference.translate, model, tok)
 
-        def translate(lines, **kw):
-            return torch_translate(model, tok, lines, **kw)
-
-    lines = read_lines(args.input) if args.input != "-" else split_lines(sys.stdin.read())
-    hyps = translate(
-        lines,
-        beam_size=args.beam if args.beam is not None else e["beam_size"],
-        len_penalty=args.len_penalty if args.len_penalty is not None else e["len_penalty"],
-        max_len_a=e["max_len_a"],
-        max_len_b=e["max_len_b"],
-        max_tokens=args.max_tokens or e["max_tokens"],
-        progress=sys.stderr.isatty() or args.progress,
+    options = replace(
+        saved,
+        beam_size=args.beam if args.beam is not None else saved.beam_size,
+        len_penalty=args.len_penalty if args.len_penalty is not None else saved.len_penalty,
+        max_tokens=args.max_tokens or saved.max_tokens,
     )
+    lines = read_lines(args.input) if args.input != "-" else split_lines(sys.stdin.read())
+    hyps = translate(lines, options, progress=sys.stderr.isatty() or args.progress)
     write_lines(sys.stdout if args.output == "-" else args.output, hyps)
     return 0
 

@@ -1,8 +1,8 @@
 """Deploy with CTranslate2: export a checkpoint to a CTranslate2 model directory, translate with it.
 
 export("runs/x/checkpoint_best.pt", "runs/x/ct2", quantization="int8")
-translator, tok, cfg = load_exported("runs/x/ct2")
-hyps = translate(translator, tok, ["Click OK."], beam_size=5)
+translator, tok, settings = load_exported("runs/x/ct2")
+hyps = translate(translator, tok, ["Click OK."], from_dict(EvalConfig, settings["eval"]), settings["max_positions"])
 
 The directory holds CTranslate2's model (``model.bin``, ``config.json``, ``shared_vocabulary.json``),
 the sentencepiece model (``spm.model``) and ``nmt_ls.json`` (the checkpoint's model and eval settings),
@@ -12,17 +12,16 @@ the decoder starts from ``<s>`` and the source ends with ``</s>`` (``add_source_
 
 Decoding matches :mod:`nmt_ls.decode`: the same beam size, length penalty (fairseq style: the score
 is divided by the length with eos counted, hence ``return_end_token=True``), at most
-``int(a * src_len + b)`` tokens (``src_len`` with eos; CTranslate2 takes one maximum per call, so
-sentences are grouped by it), pad and bos masked before the softmax (``suppress_sequences``),
-no minimum length. One difference remains: where a hypothesis reaches the maximum length, our search
-forces eos and CTranslate2 keeps the best token (the output is cut to the maximum, so greedy ids stay
-equal; a beam can rank such hypotheses differently).
+``int(a * src_len + b)`` tokens (:func:`nmt_ls.engines.max_output_len`, ``src_len`` with eos;
+CTranslate2 takes one maximum per call, so sentences are grouped by it), pad and bos masked before
+the softmax (``suppress_sequences``), no minimum length. One difference remains: where a hypothesis
+reaches the maximum length, our search forces eos and CTranslate2 keeps the best token (the output
+is cut to the maximum, so greedy ids stay equal; a beam can rank such hypotheses differently).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -32,90 +31,79 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nmt_ls.inference import encode_sources, load_for_inference
+from nmt_ls.config import EvalConfig
+from nmt_ls.engines import encode_sources, import_ctranslate2, load_for_inference, max_output_len
 from nmt_ls.model import Seq2Seq
 from nmt_ls.tokenizer import Tokenizer
-
-log = logging.getLogger(__name__)
 
 SETTINGS = "nmt_ls.json"
 SPM = "spm.model"
 
 
-class MissingExtra(RuntimeError):
-    """An optional dependency that is not installed."""
+def _arr(t: torch.Tensor):
+    return t.detach().float().cpu().numpy()
 
 
-def import_ctranslate2():
-    try:
-        import ctranslate2
-    except ImportError:
-        raise MissingExtra(
-            'the ctranslate2 engine needs the "ct2" extra: pip install -e ".[ct2]" (or pip install "ctranslate2>=4")'
-        ) from None
-    return ctranslate2
+def _linear(spec, module) -> None:
+    spec.weight = _arr(module.weight)
+    if module.bias is not None:
+        spec.bias = _arr(module.bias)
 
 
-def available() -> bool:
-    try:
-        import_ctranslate2()
-    except MissingExtra:
-        return False
-    return True
+def _norm(spec, module) -> None:
+    spec.gamma, spec.beta = _arr(module.weight), _arr(module.bias)
+
+
+def _self_attention(spec, attn, norm) -> None:
+    _linear(spec.linear[0], attn.qkv)  # q, k, v stacked as CTranslate2 fuses them
+    _linear(spec.linear[1], attn.out)
+    _norm(spec.layer_norm, norm)
+
+
+def _ffn(spec, layer) -> None:
+    _norm(spec.layer_norm, layer.norm_ffn)
+    _linear(spec.linear_0, layer.ffn[0])
+    _linear(spec.linear_1, layer.ffn[2])
+
+
+def _positions(spec, model: Seq2Seq) -> None:
+    spec.scale_embeddings = model.embed_scale
+    table = model.pos_table if model.pos_embed is None else model.pos_embed.weight
+    spec.position_encodings.encodings = _arr(table)
+
+
+def _set_weights(spec, model: Seq2Seq, pre_norm: bool) -> None:
+    """Point the encoder and decoder of CTranslate2's ``TransformerSpec`` at ``model``'s weights."""
+    enc, dec = spec.encoder, spec.decoder
+    _positions(enc, model)
+    enc.embeddings[0].weight = _arr(model.embed.weight)
+    for s, layer in zip(enc.layer, model.encoder):
+        _self_attention(s.self_attention, layer.self_attn, layer.norm_attn)
+        _ffn(s.ffn, layer)
+    _positions(dec, model)
+    dec.embeddings.weight = _arr(model.embed.weight)
+    dec.projection.weight = _arr(model.output_weight)
+    for s, layer in zip(dec.layer, model.decoder):
+        _self_attention(s.self_attention, layer.self_attn, layer.norm_self)
+        _linear(s.attention.linear[0], layer.cross_attn.q)
+        _linear(s.attention.linear[1], layer.cross_attn.kv)  # k, v stacked
+        _linear(s.attention.linear[2], layer.cross_attn.out)
+        _norm(s.attention.layer_norm, layer.norm_cross)
+        _ffn(s.ffn, layer)
+    if pre_norm:
+        _norm(enc.layer_norm, model.enc_norm)
+        _norm(dec.layer_norm, model.dec_norm)
 
 
 def _spec(model: Seq2Seq, tok: Tokenizer, pre_norm: bool):
-    """CTranslate2's ``TransformerSpec`` holding ``model``'s weights (numpy views, no copies)."""
+    """CTranslate2's ``TransformerSpec`` holding ``model``'s weights (numpy views, no copies)
+    and ``tok``'s vocabulary and special tokens."""
     from ctranslate2.specs import transformer_spec
-
-    def arr(t: torch.Tensor):
-        return t.detach().float().cpu().numpy()
-
-    def linear(spec, module):
-        spec.weight = arr(module.weight)
-        if module.bias is not None:
-            spec.bias = arr(module.bias)
-
-    def norm(spec, module):
-        spec.gamma, spec.beta = arr(module.weight), arr(module.bias)
-
-    def ffn(spec, layer):
-        norm(spec.layer_norm, layer.norm_ffn)
-        linear(spec.linear_0, layer.ffn[0])
-        linear(spec.linear_1, layer.ffn[2])
-
-    def inputs(spec):
-        spec.scale_embeddings = model.embed_scale
-        table = model.pos_table if model.pos_embed is None else model.pos_embed.weight
-        spec.position_encodings.encodings = arr(table)
 
     spec = transformer_spec.TransformerSpec.from_config(
         (len(model.encoder), len(model.decoder)), model.encoder[0].self_attn.n_heads, pre_norm=pre_norm
     )
-    enc, dec = spec.encoder, spec.decoder
-    inputs(enc)
-    enc.embeddings[0].weight = arr(model.embed.weight)
-    for s, layer in zip(enc.layer, model.encoder):
-        linear(s.self_attention.linear[0], layer.self_attn.qkv)  # q, k, v stacked as CTranslate2 fuses them
-        linear(s.self_attention.linear[1], layer.self_attn.out)
-        norm(s.self_attention.layer_norm, layer.norm_attn)
-        ffn(s.ffn, layer)
-    inputs(dec)
-    dec.embeddings.weight = arr(model.embed.weight)
-    dec.projection.weight = arr(model.output_weight)
-    for s, layer in zip(dec.layer, model.decoder):
-        linear(s.self_attention.linear[0], layer.self_attn.qkv)
-        linear(s.self_attention.linear[1], layer.self_attn.out)
-        norm(s.self_attention.layer_norm, layer.norm_self)
-        linear(s.attention.linear[0], layer.cross_attn.q)
-        linear(s.attention.linear[1], layer.cross_attn.kv)  # k, v stacked
-        linear(s.attention.linear[2], layer.cross_attn.out)
-        norm(s.attention.layer_norm, layer.norm_cross)
-        ffn(s.ffn, layer)
-    if pre_norm:
-        norm(enc.layer_norm, model.enc_norm)
-        norm(dec.layer_norm, model.dec_norm)
-
+    _set_weights(spec, model, pre_norm)
     pieces = [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
     spec.register_source_vocabulary(pieces)
     spec.register_target_vocabulary(pieces)
@@ -163,7 +151,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, quantization: str = "flo
 
 def load_exported(path: str | Path, device: str = "cpu", compute_type: str = "default", threads: int = 0):
     """(CTranslate2 translator, tokenizer, settings dict with "eval" and "max_positions") from an
-    export directory, as :func:`nmt_ls.inference.load_for_inference` gives them for a checkpoint.
+    export directory, as :func:`nmt_ls.engines.load_for_inference` gives them for a checkpoint.
     ``compute_type="default"`` keeps the exported precision; ``threads=0`` lets CTranslate2 choose."""
     ctranslate2 = import_ctranslate2()
     path = Path(path)
@@ -175,38 +163,30 @@ def load_exported(path: str | Path, device: str = "cpu", compute_type: str = "de
 
 
 def decode_ids(
-    translator,
-    tok: Tokenizer,
-    src_ids: list[list[int]],
-    beam_size: int = 5,
-    len_penalty: float = 1.0,
-    max_len_a: float = 1.2,
-    max_len_b: int = 10,
-    max_tokens: int = 8000,
-    max_positions: int = 1024,
+    translator, tok: Tokenizer, src_ids: list[list[int]], options: EvalConfig, max_positions: int
 ) -> list[tuple[list[int], float]]:
     """(token ids without bos and eos, score) for each source (ids without eos, non-empty, within
     the positions), as :func:`nmt_ls.decode.beam_search` gives them (greedy search for beam size 1,
-    whose score is the length-normalised log-probability)."""
+    whose score is the length-normalised log-probability); ``max_positions`` is the exported model's."""
     pieces = [[tok.sp.id_to_piece(i) for i in ids] for ids in src_ids]
     special = [[tok.sp.id_to_piece(i)] for i in (tok.pad_id, tok.bos_id)]
     eos = tok.sp.id_to_piece(tok.eos_id)
     out: list[tuple[list[int], float]] = [([], 0.0)] * len(src_ids)
 
-    def max_len(i: int) -> int:  # as decode._max_lens: the source length counts its eos
-        return min(max(int(max_len_a * (len(src_ids[i]) + 1) + max_len_b), 0), max_positions - 1)
+    def max_len(i: int) -> int:  # the source length counts its eos, as in the torch search
+        return max_output_len(len(src_ids[i]) + 1, options, max_positions)
 
     order = sorted(range(len(src_ids)), key=max_len)
     for limit, group in groupby(order, key=max_len):
         group = list(group)
         results = translator.translate_batch(
             [pieces[i] for i in group],
-            max_batch_size=max_tokens,
+            max_batch_size=options.max_tokens,
             batch_type="tokens",
-            beam_size=beam_size,
+            beam_size=options.beam_size,
             patience=1,
             num_hypotheses=1,
-            length_penalty=len_penalty,
+            length_penalty=options.len_penalty,
             suppress_sequences=special,
             end_token=eos,
             return_end_token=True,  # the length penalty counts eos, as ours does
@@ -224,16 +204,7 @@ def decode_ids(
 
 
 def translate(
-    translator,
-    tok: Tokenizer,
-    lines: list[str],
-    beam_size: int = 5,
-    len_penalty: float = 1.0,
-    max_len_a: float = 1.2,
-    max_len_b: int = 10,
-    max_tokens: int = 8000,
-    max_positions: int = 1024,
-    progress: bool = False,
+    translator, tok: Tokenizer, lines: list[str], options: EvalConfig, max_positions: int, progress: bool = False
 ) -> list[str]:
     """:func:`nmt_ls.inference.translate` on CTranslate2: the same options, outputs and warnings
     (over-long sources cut with a warning, empty lines kept empty); ``max_positions`` is the
@@ -244,17 +215,7 @@ def translate(
     step = max(1, len(todo) // 20) if progress else len(todo) or 1  # chunks (of similar lengths) show progress
     for start in tqdm(range(0, len(todo), step), desc="translate", disable=not progress, unit="chunk"):
         chunk = todo[start : start + step]
-        out = decode_ids(
-            translator,
-            tok,
-            [src_ids[i] for i in chunk],
-            beam_size=beam_size,
-            len_penalty=len_penalty,
-            max_len_a=max_len_a,
-            max_len_b=max_len_b,
-            max_tokens=max_tokens,
-            max_positions=max_positions,
-        )
+        out = decode_ids(translator, tok, [src_ids[i] for i in chunk], options, max_positions)
         for i, (ids, _) in zip(chunk, out):
             hyps[i] = tok.decode(ids)
     return hyps

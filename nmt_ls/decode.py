@@ -2,9 +2,12 @@
 
 Shared conventions:
     * ``src`` is right-padded, shape (B, S). Outputs are token ids without bos and eos.
+    * ``spec`` (:class:`SearchSpec`) gives the special ids and the decoding mode; ``options``
+      (:class:`nmt_ls.config.EvalConfig`) the beam size, length penalty and length limit.
     * Sentence i may produce at most ``int(max_len_a * src_len_i + max_len_b)`` tokens before
       eos (fairseq semantics; ``src_len_i`` excludes padding), capped so that the decoder input
-      fits in ``model.max_positions``. At that length eos is forced.
+      fits in ``model.max_positions`` (:func:`nmt_ls.engines.max_output_len`). At that length
+      eos is forced.
     * pad and bos are never generated: they are masked before the softmax, so the scores are
       log-probabilities over the tokens that can be emitted (as CTranslate2 computes them).
     * The search runs the model in eval mode and restores its previous mode afterwards.
@@ -16,32 +19,31 @@ Shared conventions:
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from nmt_ls.config import EvalConfig
+from nmt_ls.engines import max_output_len
 from nmt_ls.model import Seq2Seq
 
 
-def _max_lens(model: Seq2Seq, src: Tensor, pad_id: int, max_len_a: float, max_len_b: int) -> Tensor:
-    src_lens = src.ne(pad_id).sum(dim=1)  # (B,)
-    max_lens = (max_len_a * src_lens.double() + max_len_b).long()
-    return max_lens.clamp(min=0, max=model.max_positions - 1)
+@dataclass(frozen=True)
+class SearchSpec:
+    """What a search needs besides the model, the source and the options.
 
+    Args:
+        bos_id, eos_id, pad_id (int): special token ids (``SearchSpec(tok.bos_id, tok.eos_id, tok.pad_id)``).
+        use_cache (bool): incremental decoding with a K/V cache; False re-runs the whole prefix
+            each step (the slow reference). Default: True
+    """
 
-def _next_lprobs(
-    model: Seq2Seq, tokens: Tensor, memory: Tensor, src_pad_mask: Tensor, cache, bos_id: int, pad_id: int
-) -> Tensor:
-    """Log-probabilities of the next token given the prefix ``tokens`` (N, t): (N, V)."""
-    if cache is not None:
-        features = model.decode(tokens[:, -1:], memory, src_pad_mask, cache)  # (N, 1, D)
-    else:
-        features = model.decode(tokens, memory, src_pad_mask)  # (N, t, D)
-    logits = model.project(features[:, -1]).float()  # (N, V)
-    # pad and bos can never be emitted: the distribution is over the tokens that can.
-    logits[:, pad_id] = -math.inf
-    logits[:, bos_id] = -math.inf
-    return torch.log_softmax(logits, dim=-1)
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    use_cache: bool = True
 
 
 @contextmanager
@@ -54,53 +56,82 @@ def _eval_mode(model: Seq2Seq):
         model.train(was_training)
 
 
+class _Active:
+    """The sentences still being decoded, ``beams`` rows each (sentence-major): the prefixes,
+    encoder output and K/V cache of every row; the length limit and source row of every sentence."""
+
+    def __init__(self, model: Seq2Seq, src: Tensor, spec: SearchSpec, options: EvalConfig, beams: int = 1):
+        memory, src_pad_mask = model.encode(src)  # (B, S, D), (B, S)
+        limits = [max_output_len(n, options, model.max_positions) for n in src.ne(spec.pad_id).sum(1).tolist()]
+        self.model, self.spec, self.beams = model, spec, beams
+        self.memory = memory.repeat_interleave(beams, dim=0)  # (B*K, S, D)
+        self.src_pad_mask = src_pad_mask.repeat_interleave(beams, dim=0)  # (B*K, S)
+        self.max_lens = torch.tensor(limits, device=src.device)  # (B,) tokens allowed before eos
+        self.rows = torch.arange(src.size(0), device=src.device)  # (B,) each sentence's row of src
+        self.tokens = src.new_full((src.size(0) * beams, 1), spec.bos_id)  # (B*K, 1) prefixes
+        self.cache = model.new_cache() if spec.use_cache else None
+
+    def next_lprobs(self) -> Tensor:
+        """(N*K, V) log-probabilities of the token after each prefix, over the tokens that can be
+        emitted: pad and bos are masked before the softmax."""
+        if self.cache is not None:
+            features = self.model.decode(self.tokens[:, -1:], self.memory, self.src_pad_mask, self.cache)  # (N*K, 1, D)
+        else:
+            features = self.model.decode(self.tokens, self.memory, self.src_pad_mask)  # (N*K, t, D)
+        logits = self.model.project(features[:, -1]).float()  # (N*K, V)
+        logits[:, self.spec.pad_id] = -math.inf
+        logits[:, self.spec.bos_id] = -math.inf
+        return torch.log_softmax(logits, dim=-1)
+
+    def extend(self, next_tokens: Tensor, order: Tensor | None = None) -> None:
+        """Append ``next_tokens`` (N'*K,) to the prefixes of the rows ``order`` (N'*K,) of the
+        batch, the cache reordered alike; ``order=None``: every row, in place."""
+        if order is not None:
+            self.tokens = self.tokens[order]
+            if self.cache is not None:
+                self.model.reorder_cache(self.cache, order)
+        self.tokens = torch.cat([self.tokens, next_tokens[:, None]], dim=1)  # (N'*K, t + 1)
+
+    def keep(self, live: Tensor) -> None:
+        """Keep the encoder output, limits and source rows of the sentences ``live`` (N',),
+        indices among the active ones (the prefixes and cache follow :meth:`extend`)."""
+        if live.numel() < self.rows.numel():
+            beam_rows = (live[:, None] * self.beams + torch.arange(self.beams, device=live.device)).view(-1)
+            self.memory, self.src_pad_mask = self.memory[beam_rows], self.src_pad_mask[beam_rows]
+        self.max_lens, self.rows = self.max_lens[live], self.rows[live]
+
+
 @torch.no_grad()
-def greedy_search(
-    model: Seq2Seq,
-    src: Tensor,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-    max_len_a: float = 1.2,
-    max_len_b: int = 10,
-    use_cache: bool = True,
-) -> list[list[int]]:
+def greedy_search(model: Seq2Seq, src: Tensor, spec: SearchSpec, options: EvalConfig) -> list[list[int]]:
     """Greedy decoding, batched over sentences.
 
     Args:
         model (Seq2Seq): the model; run in eval mode, its mode is restored afterwards.
         src (Tensor): right-padded source ids, shape (B, S).
-        bos_id, eos_id, pad_id (int): special token ids.
-        max_len_a, max_len_b: at most ``int(a * src_len + b)`` tokens before eos. Default: 1.2, 10
-        use_cache (bool): incremental decoding with a K/V cache. Default: True
+        spec (SearchSpec): special ids and decoding mode.
+        options (EvalConfig): only the length limit ``max_len_a``, ``max_len_b`` applies.
     Returns:
         list of B token-id lists, without bos and eos.
     """
     if src.size(0) == 0:
         return []
     with _eval_mode(model):
-        memory, src_pad_mask = model.encode(src)  # (B, S, D), (B, S)
-        max_lens = _max_lens(model, src, pad_id, max_len_a, max_len_b)  # (B,)
-        rows = torch.arange(src.size(0), device=src.device)  # original row of each active sentence
-        tokens = src.new_full((src.size(0), 1), bos_id)  # (B, 1)
-        cache = model.new_cache() if use_cache else None
+        active = _Active(model, src, spec, options)
         hyps: list[list[int]] = [[] for _ in range(src.size(0))]
-        for step in range(int(max_lens.max()) + 1):
-            lprobs = _next_lprobs(model, tokens, memory, src_pad_mask, cache, bos_id, pad_id)
-            next_tokens = lprobs.argmax(dim=-1)  # (N,)
-            next_tokens[step >= max_lens] = eos_id
-            tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)  # (N, step + 2)
-            done = next_tokens.eq(eos_id)
-            if done.any():
-                for i in done.nonzero().squeeze(1).tolist():
-                    hyps[int(rows[i])] = tokens[i, 1:-1].tolist()
-                keep = (~done).nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    break
-                tokens, memory, src_pad_mask = tokens[keep], memory[keep], src_pad_mask[keep]
-                max_lens, rows = max_lens[keep], rows[keep]
-                if cache is not None:
-                    model.reorder_cache(cache, keep)
+        for step in range(int(active.max_lens.max()) + 1):
+            next_tokens = active.next_lprobs().argmax(dim=-1)  # (N,)
+            next_tokens[step >= active.max_lens] = spec.eos_id
+            done = next_tokens.eq(spec.eos_id)
+            if not done.any():
+                active.extend(next_tokens)
+                continue
+            for i in done.nonzero().squeeze(1).tolist():
+                hyps[int(active.rows[i])] = active.tokens[i, 1:].tolist()
+            live = (~done).nonzero().squeeze(1)  # (N',)
+            if live.numel() == 0:
+                break
+            active.extend(next_tokens[live], order=live)
+            active.keep(live)
         return hyps
 
 
@@ -112,19 +143,53 @@ def _length_norm(length: int, len_penalty: float, style: str) -> float:
     raise ValueError(f"len_penalty_style must be 'fairseq' or 'gnmt', got {style!r}")
 
 
+class _Candidates(NamedTuple):
+    """The top ``2 * K`` expansions of each active sentence's K beams, best first."""
+
+    scores: Tensor  # (N, 2K) summed log-probabilities
+    beams: Tensor  # (N, 2K) the beam each one extends
+    tokens: Tensor  # (N, 2K) the token it appends
+
+
+def _expand(lprobs: Tensor, scores: Tensor, at_max: Tensor, eos_id: int) -> _Candidates:
+    """Candidates from ``lprobs`` (N*K, V) and the beams' ``scores`` (N, K); the sentences
+    ``at_max`` (N,), at their length limit, can only append eos."""
+    N, K = scores.shape
+    lprobs = lprobs.view(N, K, -1)  # (N, K, V)
+    V = lprobs.size(-1)
+    if at_max.any():
+        eos_lprobs = lprobs[at_max, :, eos_id]
+        lprobs[at_max] = -math.inf
+        lprobs[at_max, :, eos_id] = eos_lprobs
+    cand_scores, cand_idx = (scores[:, :, None] + lprobs).view(N, K * V).topk(2 * K, dim=1)  # (N, 2K)
+    return _Candidates(cand_scores, cand_idx // V, cand_idx % V)
+
+
+def _finish(finished: list[list[tuple[list[int], float]]], active: _Active, cand: _Candidates, norm: float) -> None:
+    """Add to ``finished`` (per source row) the eos expansions among each sentence's top K,
+    scored by their log-probability over ``norm``."""
+    K = active.beams
+    to_finish = cand.tokens[:, :K].eq(active.spec.eos_id) & cand.scores[:, :K].isfinite()
+    for i, j in to_finish.nonzero().tolist():
+        hyp = active.tokens[i * K + cand.beams[i, j], 1:].tolist()
+        finished[int(active.rows[i])].append((hyp, cand.scores[i, j].item() / norm))
+
+
+def _best_open(cand: _Candidates, eos_id: int) -> _Candidates:
+    """The first K (of 2K) candidates of each sentence that do not append eos, in score order."""
+    two_k = cand.scores.size(1)
+    rank = cand.tokens.eq(eos_id).long() * two_k + torch.arange(two_k, device=cand.scores.device)  # eos last
+    keep_pos = rank.topk(two_k // 2, dim=1, largest=False).indices  # (N, K)
+    return _Candidates(*(x.gather(1, keep_pos) for x in cand))
+
+
 @torch.no_grad()
 def beam_search(
     model: Seq2Seq,
     src: Tensor,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-    beam_size: int = 5,
-    len_penalty: float = 1.0,
-    max_len_a: float = 1.2,
-    max_len_b: int = 10,
+    spec: SearchSpec,
+    options: EvalConfig,
     nbest: int = 1,
-    use_cache: bool = True,
     len_penalty_style: str = "fairseq",
 ) -> list[list[tuple[list[int], float]]]:
     """Beam search, batched over sentences (all beams of all sentences in one tensor).
@@ -143,78 +208,35 @@ def beam_search(
     Args:
         model (Seq2Seq): the model; run in eval mode, its mode is restored afterwards.
         src (Tensor): right-padded source ids, shape (B, S).
-        bos_id, eos_id, pad_id (int): special token ids.
-        beam_size (int): beams per sentence. Default: 5
-        len_penalty (float): length-normalisation exponent. Default: 1.0
-        max_len_a, max_len_b: at most ``int(a * src_len + b)`` tokens before eos. Default: 1.2, 10
+        spec (SearchSpec): special ids and decoding mode.
+        options (EvalConfig): ``beam_size``, ``len_penalty`` and the length limit apply.
         nbest (int): hypotheses returned per sentence, at most ``beam_size``. Default: 1
-        use_cache (bool): incremental decoding with a K/V cache. Default: True
         len_penalty_style (str): "fairseq" or "gnmt". Default: "fairseq"
     Returns:
         for each of the B sentences, up to ``nbest`` ``(tokens, score)`` pairs, best first;
         tokens exclude bos and eos.
     """
-    if not 1 <= nbest <= beam_size:
-        raise ValueError(f"need 1 <= nbest <= beam_size, got nbest={nbest}, beam_size={beam_size}")
-    _length_norm(1, len_penalty, len_penalty_style)  # validate the style up front
+    K = options.beam_size
+    if not 1 <= nbest <= K:
+        raise ValueError(f"need 1 <= nbest <= beam_size, got nbest={nbest}, beam_size={K}")
+    _length_norm(1, options.len_penalty, len_penalty_style)  # validate the style up front
     if src.size(0) == 0:
         return []
-    K = beam_size
     with _eval_mode(model):
-        memory, src_pad_mask = model.encode(src)  # (B, S, D), (B, S)
-        max_lens = _max_lens(model, src, pad_id, max_len_a, max_len_b)  # (B,)
-        B = src.size(0)
-        memory = memory.repeat_interleave(K, dim=0)  # (B*K, S, D)
-        src_pad_mask = src_pad_mask.repeat_interleave(K, dim=0)  # (B*K, S)
-        rows = torch.arange(B, device=src.device)  # original sentence of each active sentence
-        tokens = src.new_full((B * K, 1), bos_id)  # (B*K, 1)
+        active = _Active(model, src, spec, options, beams=K)
         # Only the first beam is live at the start, so the K beams do not duplicate each other.
-        scores = torch.full((B, K), -math.inf, device=src.device)  # (B, K) summed log-probs
+        scores = torch.full((src.size(0), K), -math.inf, device=src.device)  # (B, K) summed log-probs
         scores[:, 0] = 0.0
-        cache = model.new_cache() if use_cache else None
-        finished: list[list[tuple[list[int], float]]] = [[] for _ in range(B)]
-        beam_offsets = torch.arange(2 * K, device=src.device)  # (2K,)
-
-        for step in range(int(max_lens.max()) + 1):
-            N = scores.size(0)  # active sentences
-            lprobs = _next_lprobs(model, tokens, memory, src_pad_mask, cache, bos_id, pad_id)  # (N*K, V)
-            V = lprobs.size(-1)
-            lprobs = lprobs.view(N, K, V)
-            at_max = step >= max_lens  # (N,)
-            if at_max.any():
-                eos_lprobs = lprobs[at_max, :, eos_id]
-                lprobs[at_max] = -math.inf
-                lprobs[at_max, :, eos_id] = eos_lprobs
-            cand_scores, cand_idx = (scores[:, :, None] + lprobs).view(N, K * V).topk(2 * K, dim=1)  # (N, 2K)
-            cand_beams, cand_tokens = cand_idx // V, cand_idx % V
-            cand_eos = cand_tokens.eq(eos_id)
-
-            # Finish the eos expansions that rank among the top K.
-            norm = _length_norm(step + 1, len_penalty, len_penalty_style)
-            to_finish = cand_eos[:, :K] & cand_scores[:, :K].isfinite()
-            for i, j in to_finish.nonzero().tolist():
-                hyp = tokens[i * K + cand_beams[i, j], 1:].tolist()
-                finished[int(rows[i])].append((hyp, cand_scores[i, j].item() / norm))
-            n_finished = torch.tensor([len(finished[r]) for r in rows.tolist()], device=src.device)
-            done = at_max | n_finished.ge(K)  # (N,)
-
-            # Keep the first K non-eos expansions, in score order.
-            rank = cand_eos.long() * (2 * K) + beam_offsets  # eos expansions sort last
-            keep_pos = rank.topk(K, dim=1, largest=False).indices  # (N, K)
-            scores = cand_scores.gather(1, keep_pos)
-            next_beams = cand_beams.gather(1, keep_pos)
-            next_tokens = cand_tokens.gather(1, keep_pos)
-
-            live = (~done).nonzero().squeeze(1)  # (N',)
+        finished: list[list[tuple[list[int], float]]] = [[] for _ in range(src.size(0))]
+        for step in range(int(active.max_lens.max()) + 1):
+            at_max = step >= active.max_lens  # (N,)
+            cand = _expand(active.next_lprobs(), scores, at_max, spec.eos_id)
+            _finish(finished, active, cand, _length_norm(step + 1, options.len_penalty, len_penalty_style))
+            n_finished = torch.tensor([len(finished[r]) for r in active.rows.tolist()], device=src.device)
+            live = (~(at_max | n_finished.ge(K))).nonzero().squeeze(1)  # (N',)
             if live.numel() == 0:
                 break
-            order = (live[:, None] * K + next_beams[live]).view(-1)  # (N'*K,) rows of the old batch
-            tokens = torch.cat([tokens[order], next_tokens[live].view(-1, 1)], dim=1)  # (N'*K, step + 2)
-            scores, max_lens, rows = scores[live], max_lens[live], rows[live]
-            if live.numel() < N:
-                beam_rows = (live[:, None] * K + torch.arange(K, device=src.device)).view(-1)
-                memory, src_pad_mask = memory[beam_rows], src_pad_mask[beam_rows]
-            if cache is not None:
-                model.reorder_cache(cache, order)
-
+            scores, next_beams, next_tokens = (x[live] for x in _best_open(cand, spec.eos_id))  # (N', K) each
+            active.extend(next_tokens.view(-1), order=(live[:, None] * K + next_beams).view(-1))
+            active.keep(live)
         return [sorted(hyps, key=lambda h: -h[1])[:nbest] for hyps in finished]

@@ -717,15 +717,7 @@ def validate(run: Run) -> dict:
     p, e = run.progress, run.cfg.eval
     m = validation_loss(run)
     start = time.time()
-    hyps = translate(
-        run.model,
-        run.tok,
-        run.bleu_src,
-        beam_size=1,
-        max_len_a=e.max_len_a,
-        max_len_b=e.max_len_b,
-        max_tokens=e.max_tokens,
-    )
+    hyps = translate(run.model, run.tok, run.bleu_src, dataclasses.replace(e, beam_size=1))
     if run.bleu_src:
         p.greedy_s = (time.time() - start) / len(run.bleu_src)
     bleu, signature = corpus_bleu(hyps, run.bleu_ref)
@@ -812,7 +804,7 @@ def probe_decoding(run: Run) -> None:
         seconds = []
         for beam in (1, e.beam_size):
             start = time.time()
-            translate(run.model, run.tok, src, beam, e.len_penalty, e.max_len_a, e.max_len_b, e.max_tokens)
+            translate(run.model, run.tok, src, dataclasses.replace(e, beam_size=beam))
             seconds.append(time.time() - start)
         p.greedy_s, p.beam_ratio = seconds[0] / len(src), seconds[1] / max(seconds[0], 1e-9)
         if not p.validation_s:  # none measured yet: a pass of the valid loss and greedy BLEU's decoding

@@ -8,6 +8,7 @@ best token). Id equality needs a faithful export, not a good translator.
 import json
 import logging
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,16 +17,17 @@ from nmt_ls import checkpoint
 from nmt_ls.__main__ import main
 from nmt_ls.batching import collate
 from nmt_ls.config import EvalConfig, to_dict
-from nmt_ls.decode import beam_search, greedy_search
-from nmt_ls.inference import encode_sources, load_for_inference, score_test_split
+from nmt_ls.decode import SearchSpec, beam_search, greedy_search
+from nmt_ls.engines import encode_sources, load_for_inference
 from nmt_ls.inference import translate as torch_translate
 from nmt_ls.model import build_model
+from nmt_ls.scoring import score_test_split
 from nmt_ls.tokenizer import Tokenizer, train_spm
 
 from conftest import FIXTURE
 
 pytest.importorskip("ctranslate2", reason='the ct2 extra is not installed (pip install -e ".[ct2]")')
-from nmt_ls import ct2  # noqa: E402
+from nmt_ls import ct2, engines  # noqa: E402
 
 LINES = (FIXTURE / "test.en").read_text(encoding="utf-8").splitlines()[:80]
 MODELS = {  # model options, and the factor on the eos row of the output projection
@@ -33,8 +35,7 @@ MODELS = {  # model options, and the factor on the eos row of the output project
     "post_norm_untied": (dict(pre_norm=False, tie_embeddings=False), 4.0),
     "learned_untied": (dict(positions="learned", tie_embeddings=False), 3.0),
 }
-LIMITS = dict(max_len_a=1.2, max_len_b=10)
-EVAL = dict(beam_size=4, len_penalty=1.0, **LIMITS)
+EVAL = EvalConfig(beam_size=4, len_penalty=1.0, max_len_a=1.2, max_len_b=10)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def random_checkpoint(path, spm_path, seed=0, eos_factor=8.0, **model_kwargs):
     model = build_model(tok.vocab_size, tok.pad_id, **kwargs)
     with torch.no_grad():
         model.output_weight[tok.eos_id] *= eos_factor
-    config = {"model": kwargs, "eval": {**to_dict(EvalConfig()), **EVAL}}
+    config = {"model": kwargs, "eval": to_dict(EVAL)}
     state = {"format": checkpoint.FORMAT, "model": model.state_dict(), "config": config, "update": 0}
     checkpoint.atomic_save({**state, "spm": checkpoint.spm_to_tensor(spm_path)}, path)
     return path
@@ -74,10 +75,10 @@ def torch_ids(model, tok, src_ids, beam_size):
         tok.bos_id,
         tok.eos_id,
     )
-    kw = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, **LIMITS)
+    spec, options = SearchSpec(tok.bos_id, tok.eos_id, tok.pad_id), replace(EVAL, beam_size=beam_size)
     if beam_size == 1:
-        return [(ids, None) for ids in greedy_search(model, src.src, **kw)]
-    return [nbest[0] for nbest in beam_search(model, src.src, beam_size=beam_size, **kw)]
+        return [(ids, None) for ids in greedy_search(model, src.src, spec, options)]
+    return [nbest[0] for nbest in beam_search(model, src.src, spec, options)]
 
 
 @pytest.mark.parametrize("variant", MODELS)
@@ -91,9 +92,8 @@ def test_float32_export_decodes_like_torch(tmp_path, spm_path, variant):
     limits = [int(1.2 * (len(s) + 1) + 10) for s in src_ids]
     for beam_size in (1, 4):
         ours = torch_ids(model, tok, src_ids, beam_size)
-        theirs = ct2.decode_ids(
-            translator, tok, src_ids, beam_size=beam_size, max_positions=settings["max_positions"], **LIMITS
-        )
+        options = replace(EVAL, beam_size=beam_size)
+        theirs = ct2.decode_ids(translator, tok, src_ids, options, settings["max_positions"])
         if beam_size == 1:  # greedy agrees even at the limit (CTranslate2's extra token is cut)
             assert [ids for ids, _ in theirs] == [ids for ids, _ in ours]
             continue
@@ -111,8 +111,8 @@ def test_int8_export_loads_and_translates(tmp_path, ckpt):
     assert settings["quantization"] == "int8" and settings["eval"]["beam_size"] == 4
     assert translator.compute_type == "int8_float32"
     model, _, _ = load_for_inference(ckpt)
-    reference = torch_translate(model, tok, LINES, **EVAL)
-    hyps = ct2.translate(translator, tok, LINES, **EVAL, max_positions=settings["max_positions"])
+    reference = torch_translate(model, tok, LINES, EVAL)
+    hyps = ct2.translate(translator, tok, LINES, EVAL, settings["max_positions"])
     assert len(hyps) == len(LINES) and sum(bool(h) for h in reference) >= 20
     assert sum(h == r for h, r in zip(hyps, reference) if r) >= 10  # int8 rounds; most outputs survive it
 
@@ -144,9 +144,9 @@ def test_long_sources_are_cut_with_a_warning_and_empty_lines_stay_empty(tmp_path
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="nmt_ls"):
             if engine == "torch":
-                hyps = torch_translate(model, tok, lines, **EVAL)
+                hyps = torch_translate(model, tok, lines, EVAL)
             else:
-                hyps = ct2.translate(translator, tok, lines, **EVAL, max_positions=settings["max_positions"])
+                hyps = ct2.translate(translator, tok, lines, EVAL, settings["max_positions"])
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert warnings == ["1 source line(s) longer than 255 subwords were cut to fit the model"]
         assert len(hyps) == 6 and hyps[0] == hyps[2] == hyps[4] == ""
@@ -163,11 +163,11 @@ def test_missing_extra_is_a_one_line_error(ckpt, tmp_path, monkeypatch, capsys):
 
 def test_test_split_is_scored_with_ctranslate2_when_installed(tmp_path, ckpt, monkeypatch):
     refs = (FIXTURE / "test.de").read_text(encoding="utf-8").splitlines()[:20]
-    args = (LINES[:20], refs, {**to_dict(EvalConfig()), **EVAL})
+    args = (list(zip(LINES[:20], refs)), EVAL)
     ours = score_test_split(ckpt, *args, tmp_path / "ct2_run", "de")
     assert (ours["engine"], ours["precision"]) == ("ctranslate2", "float32")
     assert (tmp_path / "ct2_run" / "ct2" / "model.bin").is_file()
-    monkeypatch.setattr(ct2, "available", lambda: False)
+    monkeypatch.setattr(engines, "ctranslate2_available", lambda: False)
     (tmp_path / "torch_run").mkdir()
     theirs = score_test_split(ckpt, *args, tmp_path / "torch_run", "de")
     assert (theirs["engine"], theirs["precision"]) == ("torch", "float32")

@@ -1,8 +1,11 @@
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nmt_ls.decode import beam_search, greedy_search
+from nmt_ls.config import EvalConfig
+from nmt_ls.decode import SearchSpec, beam_search, greedy_search
 from nmt_ls.model import Seq2Seq
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -43,22 +46,29 @@ def sequence_logprob(model, src_row, hyp):
 
 SEEDS = range(4)
 MODELS = [dict(), dict(pre_norm=False), dict(positions="learned", tie_embeddings=False)]
-SEARCH = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len_a=1.0, max_len_b=3)
+SPEC = SearchSpec(bos_id=BOS, eos_id=EOS, pad_id=PAD)
+UNCACHED = replace(SPEC, use_cache=False)
+LIMITS = EvalConfig(max_len_a=1.0, max_len_b=3)
+
+
+def opts(**kwargs) -> EvalConfig:
+    """The tests' length limit with ``kwargs`` (beam_size, len_penalty) replaced."""
+    return replace(LIMITS, **kwargs)
 
 
 @pytest.mark.parametrize("kwargs", MODELS)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_greedy_cached_equals_uncached(seed, kwargs):
     model, src = random_model(seed, **kwargs), random_src(seed)
-    assert greedy_search(model, src, **SEARCH) == greedy_search(model, src, **SEARCH, use_cache=False)
+    assert greedy_search(model, src, SPEC, LIMITS) == greedy_search(model, src, UNCACHED, LIMITS)
 
 
 @pytest.mark.parametrize("kwargs", MODELS)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_beam_cached_equals_uncached(seed, kwargs):
     model, src = random_model(seed, **kwargs), random_src(seed)
-    cached = beam_search(model, src, **SEARCH, beam_size=4, nbest=4)
-    uncached = beam_search(model, src, **SEARCH, beam_size=4, nbest=4, use_cache=False)
+    cached = beam_search(model, src, SPEC, opts(beam_size=4), nbest=4)
+    uncached = beam_search(model, src, UNCACHED, opts(beam_size=4), nbest=4)
     for hyps_c, hyps_u in zip(cached, uncached):
         assert [h for h, _ in hyps_c] == [h for h, _ in hyps_u]
         assert [s for _, s in hyps_c] == pytest.approx([s for _, s in hyps_u], abs=1e-5)
@@ -67,16 +77,16 @@ def test_beam_cached_equals_uncached(seed, kwargs):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_beam_size_one_equals_greedy(seed):
     model, src = random_model(seed), random_src(seed, batch_size=10)
-    beam = beam_search(model, src, **SEARCH, beam_size=1, len_penalty=0.0)
-    assert [hyps[0][0] for hyps in beam] == greedy_search(model, src, **SEARCH)
+    beam = beam_search(model, src, SPEC, opts(beam_size=1, len_penalty=0.0))
+    assert [hyps[0][0] for hyps in beam] == greedy_search(model, src, SPEC, LIMITS)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_beam_is_at_least_as_good_as_greedy(seed):
     # Not a theorem for beam search in general, but it holds on these fixed random models.
     model, src = random_model(seed), random_src(seed, batch_size=10)
-    greedy = greedy_search(model, src, **SEARCH)
-    beam = beam_search(model, src, **SEARCH, beam_size=5, len_penalty=0.0)
+    greedy = greedy_search(model, src, SPEC, LIMITS)
+    beam = beam_search(model, src, SPEC, opts(beam_size=5, len_penalty=0.0))
     for i, (greedy_hyp, hyps) in enumerate(zip(greedy, beam)):
         best_hyp, best_score = hyps[0]
         assert best_score == pytest.approx(sequence_logprob(model, src[i], best_hyp), abs=1e-5)
@@ -87,7 +97,7 @@ def test_beam_is_at_least_as_good_as_greedy(seed):
 @pytest.mark.parametrize("len_penalty", [0.0, 1.0, 0.6])
 def test_beam_scores_are_length_normalised_logprobs(len_penalty, style):
     model, src = random_model(0), random_src(0)
-    beam = beam_search(model, src, **SEARCH, beam_size=4, nbest=4, len_penalty=len_penalty, len_penalty_style=style)
+    beam = beam_search(model, src, SPEC, opts(beam_size=4, len_penalty=len_penalty), nbest=4, len_penalty_style=style)
     for i, hyps in enumerate(beam):
         for hyp, score in hyps:
             length = len(hyp) + 1  # eos counts
@@ -98,7 +108,7 @@ def test_beam_scores_are_length_normalised_logprobs(len_penalty, style):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_nbest_sorted_and_distinct(seed):
     model, src = random_model(seed), random_src(seed)
-    for hyps in beam_search(model, src, **SEARCH, beam_size=5, nbest=3):
+    for hyps in beam_search(model, src, SPEC, opts(beam_size=5), nbest=3):
         assert 1 <= len(hyps) <= 3
         scores = [s for _, s in hyps]
         assert scores == sorted(scores, reverse=True)
@@ -108,11 +118,12 @@ def test_nbest_sorted_and_distinct(seed):
 @pytest.mark.parametrize("search", ["greedy", "beam"])
 def test_max_length_and_special_tokens(search):
     model, src = random_model(1), random_src(1, batch_size=10)
-    args = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len_a=0.5, max_len_b=1)
+    limits = EvalConfig(max_len_a=0.5, max_len_b=1)
     if search == "greedy":
-        nbest = [[hyp] for hyp in greedy_search(model, src, **args)]
+        nbest = [[hyp] for hyp in greedy_search(model, src, SPEC, limits)]
     else:
-        nbest = [[hyp for hyp, _ in hyps] for hyps in beam_search(model, src, **args, beam_size=3, nbest=3)]
+        beam = beam_search(model, src, SPEC, replace(limits, beam_size=3), nbest=3)
+        nbest = [[hyp for hyp, _ in hyps] for hyps in beam]
     max_lens = [int(0.5 * n + 1) for n in src.ne(PAD).sum(1).tolist()]  # src_len without padding
     for hyps, max_len in zip(nbest, max_lens):
         for hyp in hyps:
@@ -123,28 +134,27 @@ def test_max_length_and_special_tokens(search):
 
 def test_batching_does_not_change_outputs():
     model, src = random_model(3), random_src(3)
-    batched = beam_search(model, src, **SEARCH, beam_size=3, nbest=2)
+    batched = beam_search(model, src, SPEC, opts(beam_size=3), nbest=2)
     for i in range(src.size(0)):
-        alone = beam_search(model, src[i : i + 1], **SEARCH, beam_size=3, nbest=2)[0]
+        alone = beam_search(model, src[i : i + 1], SPEC, opts(beam_size=3), nbest=2)[0]
         assert [h for h, _ in alone] == [h for h, _ in batched[i]]
-    assert [greedy_search(model, src[i : i + 1], **SEARCH)[0] for i in range(src.size(0))] == greedy_search(
-        model, src, **SEARCH
-    )
+    alone = [greedy_search(model, src[i : i + 1], SPEC, LIMITS)[0] for i in range(src.size(0))]
+    assert alone == greedy_search(model, src, SPEC, LIMITS)
 
 
 def test_search_restores_train_mode():
     model, src = random_model(0).train(), random_src(0)
-    greedy_search(model, src, **SEARCH)
-    beam_search(model, src, **SEARCH, beam_size=2)
+    greedy_search(model, src, SPEC, LIMITS)
+    beam_search(model, src, SPEC, opts(beam_size=2))
     assert model.training
 
 
 def test_bad_arguments_raise():
     model, src = random_model(0), random_src(0)
     with pytest.raises(ValueError, match="need 1 <= nbest <= beam_size, got nbest=3, beam_size=2"):
-        beam_search(model, src, **SEARCH, beam_size=2, nbest=3)
+        beam_search(model, src, SPEC, opts(beam_size=2), nbest=3)
     with pytest.raises(ValueError, match="len_penalty_style must be 'fairseq' or 'gnmt', got 'google'"):
-        beam_search(model, src, **SEARCH, len_penalty_style="google")
+        beam_search(model, src, SPEC, LIMITS, len_penalty_style="google")
 
 
 def copy_batch(batch_size, g, vocab_size, max_len=6):
@@ -187,6 +197,6 @@ def test_trained_copy_model_copies():
 
     src, _ = copy_batch(32, g, vocab_size)
     expected = [[t for t in row if t not in (PAD, EOS)] for row in src.tolist()]
-    args = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD, max_len_a=1.0, max_len_b=2)
-    assert greedy_search(model, src, **args) == expected
-    assert [hyps[0][0] for hyps in beam_search(model, src, **args, beam_size=4)] == expected
+    limits = EvalConfig(max_len_a=1.0, max_len_b=2)
+    assert greedy_search(model, src, SPEC, limits) == expected
+    assert [hyps[0][0] for hyps in beam_search(model, src, SPEC, replace(limits, beam_size=4))] == expected

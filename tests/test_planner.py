@@ -121,9 +121,9 @@ def test_nmt_ls_run_keeps_the_test_decoding_time_out_of_training(tmp_path, clock
     # 200 test sentences reserve 200 * 0.05 * 3 + 20 = 50 s of a 90 s budget
     translate = loop.translate
 
-    def timed_translate(model, tok, lines, beam_size=5, *args, **kwargs):
-        loop.time.advance(len(lines) * (0.05 if beam_size == 1 else 0.1))
-        return translate(model, tok, lines, beam_size, *args, **kwargs)
+    def timed_translate(model, tok, lines, options, *args, **kwargs):
+        loop.time.advance(len(lines) * (0.05 if options.beam_size == 1 else 0.1))
+        return translate(model, tok, lines, options, *args, **kwargs)
 
     monkeypatch.setattr(loop, "translate", timed_translate)
     summary = clocked(tmp_path / "run", "train.max_minutes=1.5", "train.warmup_steps=2", test_split=True)[1]

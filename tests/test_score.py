@@ -161,12 +161,12 @@ def test_translate_keeps_the_line_count(tmp_path, monkeypatch, capsys):
     hypothesis holds a decoded newline."""
     seen = []
 
-    def fake_translate(model, tok, lines, **kw):
+    def fake_translate(model, tok, lines, options, progress=False):
         seen.append(list(lines))
         return [line.replace("\x85", "\n") for line in lines]  # as a decoded <0x0A> byte piece would
 
     cfg = {"eval": {"beam_size": 1, "len_penalty": 1.0, "max_len_a": 1.2, "max_len_b": 10, "max_tokens": 100}}
-    monkeypatch.setattr("nmt_ls.inference.load_for_inference", lambda path, device: (None, None, cfg))
+    monkeypatch.setattr("nmt_ls.engines.load_for_inference", lambda path, device: (None, None, cfg))
     monkeypatch.setattr("nmt_ls.inference.translate", fake_translate)
     text = "ein\u2028Satz\nzwei\x85Sätze\ndrei\x0cSätze\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(text))

@@ -11,7 +11,7 @@ import torch
 
 from nmt_ls import checkpoint
 from nmt_ls.config import load_recipe
-from nmt_ls.inference import load_for_inference
+from nmt_ls.engines import load_for_inference
 from nmt_ls.train import train
 
 ROOT = Path(__file__).parent.parent

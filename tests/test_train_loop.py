@@ -18,7 +18,7 @@ from nmt_ls.__main__ import main
 from nmt_ls.config import load_recipe
 from nmt_ls.criterions import reduce_metrics
 from nmt_ls.data import read_pairs
-from nmt_ls.inference import load_for_inference
+from nmt_ls.engines import load_for_inference
 from nmt_ls.model import build_model
 from nmt_ls.optim import build_optimizer, build_scheduler
 from nmt_ls.train import setup, train, validation_loss

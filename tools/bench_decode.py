@@ -20,14 +20,17 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from nmt_ls import ct2
+from nmt_ls.config import EvalConfig, from_dict
+from nmt_ls.engines import import_ctranslate2, load_for_inference
 from nmt_ls.evaluate import corpus_bleu, read_lines
-from nmt_ls.inference import load_for_inference, translate
+from nmt_ls.inference import translate
 
 
 def cpu_line() -> str:
@@ -44,7 +47,7 @@ def cpu_line() -> str:
     return (
         f"CPU: {model}, {os.cpu_count()} cores ({isa}); torch {torch.__version__} "
         f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads; "
-        f"ctranslate2 {ct2.import_ctranslate2().__version__}, CT2_USE_MKL={mkl}"
+        f"ctranslate2 {import_ctranslate2().__version__}, CT2_USE_MKL={mkl}"
     )
 
 
@@ -77,18 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     ref = read_lines(args.ref or Path(d["dir"]) / f"test.{d['tgt_lang']}")
     if args.limit:
         src, ref = src[: args.limit], ref[: args.limit]
-    options = dict(
-        beam_size=args.beam or e["beam_size"],
-        len_penalty=e["len_penalty"],
-        max_len_a=e["max_len_a"],
-        max_len_b=e["max_len_b"],
-        max_tokens=e["max_tokens"],
-    )
+    options = from_dict(EvalConfig, e, "eval")
+    options = replace(options, beam_size=args.beam or options.beam_size)
     print(cpu_line())
-    print(f"{len(src)} test sentences, beam {options['beam_size']}, one at a time: first {min(args.single, len(src))}")
+    print(f"{len(src)} test sentences, beam {options.beam_size}, one at a time: first {min(args.single, len(src))}")
 
     rows = []
-    hyps, batch_rate, single_rate = timed(lambda lines: translate(model, tok, lines, **options), src, args.single)
+    hyps, batch_rate, single_rate = timed(lambda lines: translate(model, tok, lines, options), src, args.single)
     torch_hyps = hyps
     rows.append(("torch", "float32", batch_rate, single_rate, corpus_bleu(hyps, ref)[0], ""))
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             path = ct2.export(args.checkpoint, Path(tmp) / quantization, quantization)
             translator, ct2_tok, settings = ct2.load_exported(path, threads=args.threads)
 
-            run = partial(ct2.translate, translator, ct2_tok, max_positions=settings["max_positions"], **options)
+            run = partial(ct2.translate, translator, ct2_tok, options=options, max_positions=settings["max_positions"])
             hyps, batch_rate, single_rate = timed(run, src, args.single)
             same = sum(h == t for h, t in zip(hyps, torch_hyps))
             rows.append(("ctranslate2", quantization, batch_rate, single_rate, corpus_bleu(hyps, ref)[0], same))

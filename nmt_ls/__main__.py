@@ -70,6 +70,7 @@ def cmd_binarize(args) -> int:
     """Train the tokenizer if needed and binarize the recipe's train and valid splits."""
     from nmt_ls.binarize import binarize_recipe
     from nmt_ls.config import load_recipe
+    from nmt_ls.data import open_corpus
     from nmt_ls.distributed import World, resolve_device
     from nmt_ls.train import check_config, load_tokenizer
 
@@ -77,9 +78,10 @@ def cmd_binarize(args) -> int:
     check_config(cfg)
     _setup_logging()
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(cfg, World(0, 1, resolve_device("cpu")), None)
-    for name, corpus in binarize_recipe(cfg, tok.model_path, num_workers=args.workers).items():
-        print(f"{name}: {len(corpus)} pairs in {corpus.path}")
+    corpus = open_corpus(cfg.data)
+    tok = load_tokenizer(cfg, World(0, 1, resolve_device("cpu")), None, corpus)
+    for name, pairs in binarize_recipe(cfg, corpus, tok.model_path, num_workers=args.workers).items():
+        print(f"{name}: {len(pairs)} pairs in {pairs.path}")
     return 0
 
 

@@ -50,11 +50,23 @@ class Batch:
         )
 
 
+@dataclass(frozen=True)
+class TokenBudget:
+    """What one batch may hold.
+
+    Attributes:
+        max_tokens (int): padded positions (``len(batch) * max size``).
+        max_sentences (int | None): examples. Default: no cap.
+    """
+
+    max_tokens: int
+    max_sentences: int | None = None
+
+
 def batch_by_tokens(
     src_lens,
     tgt_lens,
-    max_tokens: int,
-    max_sentences: int | None = None,
+    max_tokens: int | TokenBudget,
     seed: int = 0,
     epoch: int = 0,
     shuffle: bool = True,
@@ -74,21 +86,41 @@ def batch_by_tokens(
     Args:
         src_lens, tgt_lens: per-example lengths (ids, without bos/eos for the target),
             sequences or 1-D integer arrays (e.g. ``MmapPairs.src_lens``).
-        max_tokens: padded-token budget per batch.
-        max_sentences: optional cap on examples per batch.
+        max_tokens: padded-token budget per batch, or a ``TokenBudget`` that also caps
+            the examples per batch.
     Returns:
         list of batches, each a 1-D int64 array of example indices.
     Raises:
         ValueError: an example does not fit into ``max_tokens`` on its own (filter
-            long sentences first, e.g. ``data.read_pairs(max_len=...)``), or a length
+            long sentences first, e.g. with ``data.PairFilter(max_len=...)``), or a length
             is negative.
     """
+    budget = max_tokens if isinstance(max_tokens, TokenBudget) else TokenBudget(max_tokens)
+    src_lens, tgt_lens, sizes = _sizes(src_lens, tgt_lens, budget)
+    if not sizes.size:
+        return []
+    rng = np.random.default_rng(seed + epoch)
+    perm = rng.permutation(len(sizes)) if shuffle else np.arange(len(sizes))
+    # Dense rank of (size, src_len, tgt_len): size v holds 2v keys, (s, v - 1) for s < v
+    # and then (v, t) for t < v, after the v * (v - 1) keys of the smaller sizes.
+    rank = sizes * (sizes - 1) + np.where(src_lens < sizes, src_lens, sizes + tgt_lens)
+    order = perm[_stable_argsort(rank[perm])]
+    ends = _pack(sizes[order], budget.max_tokens, budget.max_sentences)
+    batches = np.split(order, ends[:-1])
+    if shuffle:
+        batches = [batches[j] for j in rng.permutation(len(batches))]
+    return batches
+
+
+def _sizes(src_lens, tgt_lens, budget: TokenBudget) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The lengths as int64 arrays and each example's size, checked against ``budget``."""
     src_lens = np.asarray(src_lens, dtype=np.int64)
     tgt_lens = np.asarray(tgt_lens, dtype=np.int64)
     if src_lens.shape != tgt_lens.shape or src_lens.ndim != 1:
         raise ValueError(
             f"src_lens and tgt_lens must be 1-D and equal in length, got {src_lens.shape} and {tgt_lens.shape}"
         )
+    max_tokens, max_sentences = budget.max_tokens, budget.max_sentences
     if max_tokens < 1 or (max_sentences is not None and max_sentences < 1):
         raise ValueError(f"max_tokens and max_sentences must be positive, got {max_tokens}, {max_sentences}")
     if src_lens.size and min(src_lens.min(), tgt_lens.min()) < 0:
@@ -102,20 +134,7 @@ def batch_by_tokens(
             f"(src {src_lens[i]}, tgt {tgt_lens[i]} ids -> size {sizes[i]}); "
             "raise max_tokens or filter long sentences"
         )
-
-    if not sizes.size:
-        return []
-    rng = np.random.default_rng(seed + epoch)
-    perm = rng.permutation(len(sizes)) if shuffle else np.arange(len(sizes))
-    # Dense rank of (size, src_len, tgt_len): size v holds 2v keys, (s, v - 1) for s < v
-    # and then (v, t) for t < v, after the v * (v - 1) keys of the smaller sizes.
-    rank = sizes * (sizes - 1) + np.where(src_lens < sizes, src_lens, sizes + tgt_lens)
-    order = perm[_stable_argsort(rank[perm])]
-    ends = _pack(sizes[order], max_tokens, max_sentences)
-    batches = np.split(order, ends[:-1])
-    if shuffle:
-        batches = [batches[j] for j in rng.permutation(len(batches))]
-    return batches
+    return src_lens, tgt_lens, sizes
 
 
 def _stable_argsort(keys: np.ndarray) -> np.ndarray:

@@ -1,9 +1,13 @@
 """Binarized corpora: subword ids encoded once, then memory-mapped by every worker.
 
-    corpus = open_or_build("data/big", "en", "de", split="train", spm_path="runs/x/spm.model",
-                           cache_dir="runs/x/data-bin", max_positions=256, max_len=100, max_ratio=3.0)
-    batches = batch_by_tokens(corpus.src_lens, corpus.tgt_lens, 4000, seed=1, epoch=0)
-    batch = corpus.batch(batches[0], tok.pad_id, tok.bos_id, tok.eos_id)
+    corpus = Corpus("data/big", "en", "de")                  # or data.open_corpus(cfg.data), once a run
+    encoding = Encoding.of("runs/x/spm.model", max_positions=256)   # hashes the model once
+    train = CorpusSplit(corpus, "train", PairFilter(max_len=100, max_ratio=3.0))
+    pairs = open_or_build(train, encoding, "runs/x/data-bin")
+    batches = batch_by_tokens(pairs.src_lens, pairs.tgt_lens, 4000, seed=1, epoch=0)
+    batch = pairs.batch(batches[0], tok.pad_id, tok.bos_id, tok.eos_id)
+
+A recipe's train and valid splits: ``binarize_recipe(cfg, corpus, spm_path)``.
 
 The ids are those of the in-memory path (``encode_pairs`` after ``data.read_pairs``):
 ``filter_pairs`` drops empty, too long (``max_len`` whitespace tokens) and badly proportioned
@@ -27,7 +31,8 @@ start of every worker, a stat costs nothing, and any write to a file moves its m
 is a needless rebuild when a file is rewritten unchanged (or copied without keeping mtimes);
 only an edit that keeps both size and mtime would go unseen. A ``datasets`` builder (``json``,
 ``csv``...) is keyed by the files of the split's ``data_files``; hub datasets by name, config and
-split.
+split. The ``Corpus`` takes each split's file stats once and the ``Encoding`` hashes the model
+once, however many keys are computed from them.
 
 A cache is built in ``{cache_dir}/.tmp.{name}.{pid}`` and renamed into place once every file
 is written and synced, so a killed build leaves at most a temporary directory (removed by the
@@ -38,8 +43,6 @@ an ``flock``, so workers that all call ``open_or_build`` build it once and share
 from __future__ import annotations
 
 import fcntl
-import functools
-import glob
 import hashlib
 import itertools
 import json
@@ -52,12 +55,13 @@ from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 
-from nmt_ls.data import CORPORA, filter_pairs, infer_format, read_pairs, split_path
+from nmt_ls.data import Corpus, PairFilter, filter_pairs, read_pairs
 from nmt_ls.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -231,7 +235,7 @@ def _encode_chunk(task: tuple) -> dict:
     first_lineno, src_lines, tgt_lines, names, opts = task
     src = _decode(src_lines, names[0], first_lineno)
     tgt = _decode(tgt_lines, names[1], first_lineno)
-    src, tgt, report = filter_pairs(src, tgt, max_len=opts["max_len"], max_ratio=opts["max_ratio"])
+    src, tgt, report = filter_pairs(src, tgt, opts["rules"])
     src_ids = _worker_sp.encode(src, out_type=int, add_eos=True, num_threads=1)  # encode(s) + [eos]
     tgt_ids = _worker_sp.encode(tgt, out_type=int, num_threads=1)
     src_lens = np.fromiter(map(len, src_ids), dtype=np.int64, count=len(src_ids))
@@ -281,12 +285,49 @@ def _encode_all(tasks: Iterator[tuple], spm_path: str, num_workers: int) -> Iter
         pool.shutdown(cancel_futures=True)
 
 
-# ---- corpus sources -----------------------------------------------------------------------
+# ---- what a cache holds -------------------------------------------------------------------
 
 
-def _text_paths(source, src_lang: str, tgt_lang: str, split: str) -> tuple[Path, Path]:
-    prefix = split_path(source, split, "text")
-    return prefix.with_name(f"{prefix.name}.{src_lang}"), prefix.with_name(f"{prefix.name}.{tgt_lang}")
+def spm_sha256(spm_path) -> str:
+    """The sha256 of a sentencepiece model's bytes."""
+    return hashlib.sha256(Path(spm_path).read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How pairs become ids: the sentencepiece model (pad=0, unk=1, bos=2, eos=3) and the
+    model's positions (pairs that need more are dropped). ``Encoding.of`` hashes the model
+    once for every key computed from it.
+
+    Attributes:
+        spm_path (str): the model file.
+        spm_sha256 (str): the sha256 of its bytes.
+        max_positions (int): positions of the model. Default: 1024
+    """
+
+    spm_path: str
+    spm_sha256: str
+    max_positions: int = 1024
+
+    @classmethod
+    def of(cls, spm_path, max_positions: int = 1024) -> Encoding:
+        return cls(str(spm_path), spm_sha256(spm_path), max_positions)
+
+
+@dataclass(frozen=True)
+class CorpusSplit:
+    """One split of a corpus and the filters it is read with: what one cache holds.
+
+    Attributes:
+        corpus (Corpus): the corpus.
+        split (str): the split's name (``{split}.{lang}`` in a folder, a ``datasets`` split).
+        rules (PairFilter): ``max_len``/``max_ratio`` (part of the key); pairs with an empty
+            side are always dropped and counted, ``on_empty`` applies to formats read whole.
+    """
+
+    corpus: Corpus
+    split: str = "train"
+    rules: PairFilter = PairFilter()
 
 
 def _text_chunks(src_path: Path, tgt_path: Path, chunk_size: int) -> Iterator[tuple[int, list[bytes], list[bytes]]]:
@@ -306,92 +347,38 @@ def _text_chunks(src_path: Path, tgt_path: Path, chunk_size: int) -> Iterator[tu
             first += len(src)
 
 
-def _corpus_files(source, src_lang: str, tgt_lang: str, split: str, fmt: str, data_files=None) -> list[Path]:
-    """The local files the corpus is read from: for ``hf``, a local folder's files or the split's
-    ``data_files`` (globs expanded; URLs and hub names have none)."""
-    if fmt == "text":
-        files = list(_text_paths(source, src_lang, tgt_lang, split))
-    elif fmt in ("tsv", "jsonl"):
-        files = [split_path(source, split, fmt)]
-    else:
-        local = Path(source).expanduser()
-        if local.is_dir():
-            return sorted(p for p in local.rglob("*") if p.is_file())
-        names = (data_files or {}).get(split, [])
-        names = [names] if isinstance(names, str) else names
-        matches = (glob.glob(os.path.expanduser(n)) for n in names if "://" not in n)
-        return sorted({Path(m) for m in itertools.chain.from_iterable(matches)})
-    for path in files:
-        if not path.is_file():
-            raise FileNotFoundError(f"no such file: {path}")
-    return files
-
-
-def _source_chunks(source, src_lang, tgt_lang, split, fmt, config, opts, chunk_size, pairs=None) -> Iterator[tuple]:
-    """Tasks for ``_encode_chunk``: ``pairs`` if given, else streamed for text files, else via
-    ``data.read_pairs``."""
-    if pairs is not None:
-        for start in range(0, len(pairs), chunk_size):
-            chunk = pairs[start : start + chunk_size]
-            yield start + 1, [s for s, _ in chunk], [t for _, t in chunk], (source, source), opts
-        return
-    if fmt == "text":
-        src_path, tgt_path = _text_paths(source, src_lang, tgt_lang, split)
+def _source_chunks(part: CorpusSplit, opts: dict, chunk_size: int) -> Iterator[tuple]:
+    """Tasks for ``_encode_chunk``: streamed for text files, else via ``data.read_pairs``."""
+    if part.corpus.format(part.split) == "text":
+        src_path, tgt_path = part.corpus.text_files(part.split)
         names = (str(src_path), str(tgt_path))
         for first, src, tgt in _text_chunks(src_path, tgt_path, chunk_size):
             yield first, src, tgt, names, opts
         return
-    src, tgt = read_pairs(
-        source,
-        src_lang,
-        tgt_lang,
-        split=split,
-        fmt=fmt,
-        config=config,
-        max_len=opts["max_len"],
-        max_ratio=opts["max_ratio"],
-    )
-    for start in range(0, len(src), chunk_size):  # re-filtering filtered pairs drops nothing
-        yield start + 1, src[start : start + chunk_size], tgt[start : start + chunk_size], (source, source), opts
+    src, tgt = read_pairs(part.corpus, part.split, part.rules)
+    names = (part.corpus.location,) * 2
+    for start in range(0, len(src), chunk_size):  # re-filtering drops only the empty sides kept
+        yield start + 1, src[start : start + chunk_size], tgt[start : start + chunk_size], names, opts
 
 
-def key_inputs(
-    source,
-    src_lang: str,
-    tgt_lang: str,
-    split: str,
-    spm_path,
-    max_positions: int,
-    fmt: str | None = None,
-    config: str | None = None,
-    max_len: int | None = None,
-    max_ratio: float | None = None,
-    data_files: dict | None = None,
-) -> dict:
+def key_inputs(part: CorpusSplit, encoding: Encoding) -> dict:
     """What a cache's key is computed from (see the module docstring); ``cache_key`` hashes it."""
-    fmt = fmt or infer_format(source, src_lang, tgt_lang, split)
+    c, split = part.corpus, part.split
+    # a recipe's datasets corpus is also named by its configuration and data_files
+    config = json.dumps([c.hub_config, c.data_files], sort_keys=True) if c.kind == "hf" else c.hub_config
     return {
         "layout": LAYOUT,
-        "source": str(source),
+        "source": c.location,
         "split": split,
-        "fmt": fmt,
+        "fmt": c.format(split),
         "config": config,
-        "langs": [src_lang, tgt_lang],
-        "files": file_identities(source, src_lang, tgt_lang, split, fmt, data_files),
-        "spm_sha256": hashlib.sha256(Path(spm_path).read_bytes()).hexdigest(),
-        "max_len": max_len,
-        "max_ratio": max_ratio,
-        "max_positions": max_positions,
+        "langs": [c.src_lang, c.tgt_lang],
+        "files": c.files(split),
+        "spm_sha256": encoding.spm_sha256,
+        "max_len": part.rules.max_len,
+        "max_ratio": part.rules.max_ratio,
+        "max_positions": encoding.max_positions,
     }
-
-
-def file_identities(source, src_lang: str, tgt_lang: str, split: str, fmt: str, data_files=None) -> list[dict]:
-    """Resolved path, size and mtime (ns) of each local file that ``split`` is read from."""
-    files = []
-    for path in _corpus_files(source, src_lang, tgt_lang, split, fmt, data_files):
-        st = path.stat()
-        files.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return files
 
 
 def cache_key(inputs: dict) -> str:
@@ -437,35 +424,16 @@ def _write_json_synced(path: Path, obj: dict) -> None:
 
 
 def binarize(
-    source,
-    src_lang: str,
-    tgt_lang: str,
-    spm_path,
-    out_dir,
-    *,
-    split: str = "train",
-    max_positions: int = 1024,
-    fmt: str | None = None,
-    config: str | None = None,
-    max_len: int | None = None,
-    max_ratio: float | None = None,
-    num_workers: int | None = None,
-    chunk_size: int = 10_000,
-    pairs: list[tuple[str, str]] | None = None,
-    data_files: dict | None = None,
+    part: CorpusSplit, encoding: Encoding, out_dir, num_workers: int | None = None, chunk_size: int = 10_000
 ) -> Path:
     """Encode one split into the cache directory ``out_dir``, atomically.
 
     Args:
-        source, split, fmt, config: the corpus, as for ``data.read_pairs``.
-        spm_path: the sentencepiece model (pad=0, unk=1, bos=2, eos=3).
+        part: the split and its filters.
+        encoding: the sentencepiece model and ``max_positions``.
         out_dir: the directory to create; it must not exist.
-        max_positions: the model's positions (pairs that need more are dropped).
-        max_len, max_ratio: ``data.filter_pairs`` options (None: no such filter).
         num_workers: encoding processes. Default: the CPUs this process may use.
         chunk_size: lines per task.
-        pairs: the split's pairs, read already (a ``datasets`` corpus); ``source`` then names it.
-        data_files: a ``datasets`` builder's ``{split: file or [files]}``, part of the key.
     Returns:
         ``out_dir``.
     Raises:
@@ -474,52 +442,30 @@ def binarize(
             corpus, or no pair left after filtering.
     """
     start = time.time()
-    out_dir, tok = Path(out_dir), Tokenizer(spm_path)
+    out_dir, tok = Path(out_dir), Tokenizer(encoding.spm_path)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; delete it or use open_or_build")
-    fmt = fmt or infer_format(source, src_lang, tgt_lang, split)
-    inputs = key_inputs(
-        source, src_lang, tgt_lang, split, spm_path, max_positions, fmt, config, max_len, max_ratio, data_files
-    )
+    inputs = key_inputs(part, encoding)
     num_workers = num_workers or len(os.sched_getaffinity(0))
-    id_dtype, len_dtype = _uint_dtype(tok.vocab_size - 1), _uint_dtype(max_positions)
-    opts = {"max_len": max_len, "max_ratio": max_ratio, "max_positions": max_positions, "id_dtype": id_dtype.str}
     tmp = out_dir.with_name(f".tmp.{out_dir.name}.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        writer, counts = _CacheWriter(tmp, id_dtype, len_dtype), Counter({k: 0 for k in COUNTS})
-        tasks = _source_chunks(source, src_lang, tgt_lang, split, fmt, config, opts, chunk_size, pairs)
-        for chunk in _encode_all(tasks, str(spm_path), num_workers):
-            writer.append(chunk)
-            counts.update(chunk["counts"])
-        writer.close()
-        _check_counts(counts, writer.n, source, split)
-        meta = {
-            "layout": LAYOUT,
-            "key": cache_key(inputs),
-            "key_inputs": inputs,
-            "n": writer.n,
-            "src_tokens": writer.tokens["src"],
-            "tgt_tokens": writer.tokens["tgt"],
-            "id_dtype": id_dtype.name,
-            "len_dtype": len_dtype.name,
-            "vocab_size": tok.vocab_size,
-            "counts": dict(counts),
-            "seconds": round(time.time() - start, 3),
-            "num_workers": num_workers,
-        }
+        written = _encode_into(tmp, part, encoding, tok.vocab_size, num_workers, chunk_size)
+        meta = {"layout": LAYOUT, "key": cache_key(inputs), "key_inputs": inputs, **written}
+        meta.update(seconds=round(time.time() - start, 3), num_workers=num_workers)
         _write_json_synced(tmp / "meta.json", meta)
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    counts = meta["counts"]
     log.info(
         "binarized %s[%s] into %s: kept %d/%d pairs (%s) in %.1f s on %d worker(s)",
-        source,
-        split,
+        part.corpus.location,
+        part.split,
         out_dir,
-        writer.n,
+        meta["n"],
         counts["n_read"],
         ", ".join(f"{k} {v}" for k, v in counts.items() if k != "n_read"),
         meta["seconds"],
@@ -528,11 +474,36 @@ def binarize(
     return out_dir
 
 
-def _check_counts(counts: Counter, n_kept: int, source, split: str) -> None:
+def _encode_into(
+    folder: Path, part: CorpusSplit, encoding: Encoding, vocab_size: int, num_workers: int, chunk_size: int
+) -> dict:
+    """Encode ``part`` into the files of ``folder``; returns what ``meta.json`` says of them."""
+    id_dtype, len_dtype = _uint_dtype(vocab_size - 1), _uint_dtype(encoding.max_positions)
+    rules = replace(part.rules, on_empty="drop")
+    opts = {"rules": rules, "max_positions": encoding.max_positions, "id_dtype": id_dtype.str}
+    writer, counts = _CacheWriter(folder, id_dtype, len_dtype), Counter({k: 0 for k in COUNTS})
+    for chunk in _encode_all(_source_chunks(part, opts, chunk_size), encoding.spm_path, num_workers):
+        writer.append(chunk)
+        counts.update(chunk["counts"])
+    writer.close()
+    _check_counts(counts, writer.n, part)
+    return {
+        "n": writer.n,
+        "src_tokens": writer.tokens["src"],
+        "tgt_tokens": writer.tokens["tgt"],
+        "id_dtype": id_dtype.name,
+        "len_dtype": len_dtype.name,
+        "vocab_size": vocab_size,
+        "counts": dict(counts),
+    }
+
+
+def _check_counts(counts: Counter, n_kept: int, part: CorpusSplit) -> None:
+    name = f"{part.corpus.location}[{part.split}]"
     if counts["n_read"] == 0:
-        raise ValueError(f"empty corpus: no sentence pairs in {source}[{split}]")
+        raise ValueError(f"empty corpus: no sentence pairs in {name}")
     if n_kept == 0:
-        raise ValueError(f"no pairs left in {source}[{split}] after filtering ({dict(counts)})")
+        raise ValueError(f"no pairs left in {name} after filtering ({dict(counts)})")
 
 
 # ---- the cache ----------------------------------------------------------------------------
@@ -564,22 +535,7 @@ def _open_valid(path: Path, key: str) -> MmapPairs | None:
 
 
 def open_or_build(
-    source,
-    src_lang: str,
-    tgt_lang: str,
-    *,
-    split: str,
-    spm_path,
-    cache_dir,
-    max_positions: int,
-    fmt: str | None = None,
-    config: str | None = None,
-    max_len: int | None = None,
-    max_ratio: float | None = None,
-    num_workers: int | None = None,
-    build: bool = True,
-    pairs=None,
-    data_files: dict | None = None,
+    part: CorpusSplit, encoding: Encoding, cache_dir, build: bool = True, num_workers: int | None = None
 ) -> MmapPairs:
     """The binarized split for these inputs, built first if no complete cache has their key.
 
@@ -592,102 +548,57 @@ def open_or_build(
         build: False: raise ``FileNotFoundError`` instead of building.
         others: see ``binarize``.
     """
-    inputs = key_inputs(
-        source, src_lang, tgt_lang, split, spm_path, max_positions, fmt, config, max_len, max_ratio, data_files
-    )
-    key = cache_key(inputs)
+    key = cache_key(key_inputs(part, encoding))
     cache_dir = Path(cache_dir)
-    path = cache_dir / f"{split}.{key[:16]}"
-    corpus = _open_valid(path, key)
-    if corpus is not None:
-        return corpus
+    path = cache_dir / f"{part.split}.{key[:16]}"
+    pairs = _open_valid(path, key)
+    if pairs is not None:
+        return pairs
     if not build:
-        raise FileNotFoundError(f"no binarized corpus for {source}[{split}] at {path}; run `nmt-ls binarize` first")
+        raise FileNotFoundError(
+            f"no binarized corpus for {part.corpus.location}[{part.split}] at {path}; run `nmt-ls binarize` first"
+        )
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_dir / f".{split}.lock"):
-        corpus = _open_valid(path, key)  # built by another worker while this one waited
-        if corpus is None:
+    with _locked(cache_dir / f".{part.split}.lock"):
+        pairs = _open_valid(path, key)  # built by another worker while this one waited
+        if pairs is None:
             shutil.rmtree(path, ignore_errors=True)
             for leftover in cache_dir.glob(f".tmp.{path.name}.*"):
                 shutil.rmtree(leftover, ignore_errors=True)
-            binarize(
-                source,
-                src_lang,
-                tgt_lang,
-                spm_path,
-                path,
-                split=split,
-                max_positions=max_positions,
-                fmt=inputs["fmt"],
-                config=config,
-                max_len=max_len,
-                max_ratio=max_ratio,
-                num_workers=num_workers,
-                pairs=pairs() if pairs is not None else None,
-                data_files=data_files,
-            )
-            corpus = MmapPairs(path)
-    return corpus
+            binarize(part, encoding, path, num_workers)
+            pairs = MmapPairs(path)
+    return pairs
 
 
-def corpus_source(d) -> str:
-    """Where ``binarize`` reads a recipe's corpus (a ``config.DataConfig``): ``data.dir`` for
-    ``files`` and for a registered corpus (prepared first, as ``data.load_splits`` does), else
-    the ``datasets`` path or hub name."""
-    if d.corpus in CORPORA:
-        CORPORA[d.corpus](d)
-    source = d.dir if _is_local(d) else (d.path or d.hub_name)
-    return os.path.expanduser(source) if source else source
-
-
-def _is_local(d) -> bool:
-    """True if a recipe's corpus is read from ``data.dir`` (not through ``datasets``)."""
-    return d.corpus == "files" or d.corpus in CORPORA
-
-
-def recipe_files(d, split: str) -> list[dict]:
-    """``file_identities`` of a recipe's split (``d`` a ``config.DataConfig``), as its cache key
-    holds them: what the tokenizer is keyed on too."""
-    source, local = corpus_source(d), _is_local(d)
-    fmt = infer_format(source, d.src_lang, d.tgt_lang, split) if local else "hf"
-    return file_identities(source, d.src_lang, d.tgt_lang, split, fmt, None if local else d.data_files)
+def recipe_split(corpus: Corpus, which: str) -> CorpusSplit:
+    """The recipe's split ``which`` (train or valid) as ``binarize_recipe`` encodes it: the length
+    filters on train only, as ``data.read_split``; a ``datasets`` corpus's valid split is read as
+    ``read_split`` reads it (empty sides kept, then dropped and counted by the encoding), local
+    files' as ``read_pairs`` reads them (empty sides dropped on reading)."""
+    if which == "train":
+        rules = PairFilter(corpus.max_len, corpus.max_ratio)
+    else:
+        rules = PairFilter(on_empty="keep" if corpus.kind == "hf" else "drop")
+    return CorpusSplit(corpus, corpus.split_name(which), rules)
 
 
 def binarize_recipe(
-    cfg, spm_path, cache_dir=None, num_workers: int | None = None, build: bool = True
+    cfg, corpus: Corpus, spm_path, cache_dir=None, num_workers: int | None = None, build: bool = True
 ) -> dict[str, MmapPairs]:
     """The train and valid splits of a recipe (a ``config.RunConfig``), binarized.
 
-    Filters as ``data.load_splits`` + ``encode_pairs``: ``max_len``/``max_ratio`` on train
-    only, ``model.max_positions`` on both. Local files are streamed; a ``datasets`` corpus
-    (``corpus: hf``) is read through ``data.load_splits`` when a cache must be built.
-    ``cache_dir`` defaults to ``{out_dir}/data-bin``.
-    """
-    from nmt_ls.data import load_splits
+    Filters as ``data.read_split`` + ``encode_pairs``: ``max_len``/``max_ratio`` on train
+    only, ``model.max_positions`` on both. Local text files are streamed; other formats are
+    read through ``corpus`` when a cache must be built. ``spm_path`` is hashed once for both.
 
-    d = cfg.data
-    source, local = corpus_source(d), _is_local(d)
-    # what names a datasets corpus beyond its path; part of the key through ``config``
-    config = d.hub_config if local else json.dumps([d.hub_config, d.data_files], sort_keys=True)
+    Args:
+        corpus: ``data.open_corpus(cfg.data)``, made once for the run.
+        cache_dir: Default: ``{out_dir}/data-bin``.
+        num_workers, build: see ``open_or_build``.
+    """
+    encoding = Encoding.of(spm_path, cfg.model.max_positions)
     cache_dir = Path(cache_dir) if cache_dir is not None else Path(cfg.out_dir) / "data-bin"
-    out = {}
-    for name, split in (("train", d.train_split), ("valid", d.valid_split)):
-        filters = {"max_len": d.max_len, "max_ratio": d.max_ratio} if name == "train" else {}
-        pairs = None if local else functools.partial(lambda which: load_splits(d, (which,))[which], name)
-        out[name] = open_or_build(
-            source,
-            d.src_lang,
-            d.tgt_lang,
-            split=split,
-            spm_path=spm_path,
-            cache_dir=cache_dir,
-            max_positions=cfg.model.max_positions,
-            config=config,
-            num_workers=num_workers,
-            build=build,
-            pairs=pairs,
-            data_files=None if local else d.data_files,
-            fmt=None if local else "hf",
-            **filters,
-        )
-    return out
+    return {
+        which: open_or_build(recipe_split(corpus, which), encoding, cache_dir, build, num_workers)
+        for which in ("train", "valid")
+    }

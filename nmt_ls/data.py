@@ -1,7 +1,10 @@
 """Parallel text -> (src, tgt) string pairs, validated and length-filtered.
 
-``load_splits(DataConfig)`` gives a recipe's train/valid/test pairs. ``data.corpus`` names
-where they come from:
+A run resolves its recipe's corpus once, ``corpus = open_corpus(cfg.data)``, and passes that
+frozen ``Corpus`` on: ``read_split(corpus, "train")`` gives a split's pairs, ``corpus.files(name)``
+the identities (path, size, mtime) of the files it is read from, ``binarize.binarize_recipe``
+its binarized train and valid splits. ``load_splits(DataConfig)`` does both steps at once.
+``data.corpus`` names where the pairs come from:
 
 * ``files``: a local folder ``data.dir`` holding, per split, ``{split}.{src_lang}`` +
   ``{split}.{tgt_lang}`` (line-aligned), ``{split}.tsv`` or ``{split}.jsonl`` (read here, so
@@ -21,12 +24,12 @@ says what to do. The hub is probed once (an HTTP HEAD, 3 s at most) so that an o
 machine fails at once instead of after ``huggingface_hub``'s retries (about 25 s a call);
 ``HF_HUB_OFFLINE=0`` skips the probe, ``HF_HUB_OFFLINE=1`` skips the hub.
 
-``read_pairs(path, ...)`` reads one split from a file, a text prefix, a folder or a
-``datasets`` source, inferring the format (``infer_format``). Lines are split on ``\\n`` only
+``read_pairs(Corpus(path, src_lang, tgt_lang), split)`` reads one split from a file, a text
+prefix, a folder or a ``datasets`` source, inferring the format (``infer_format``). Lines are split on ``\\n`` only
 (``str.splitlines`` would also split on U+2028, U+0085... and misalign the sides) and stripped.
 
-Filtering (``filter_pairs``): pairs with an empty side are dropped, kept or raise
-(``on_empty``); ``max_len`` and ``max_ratio`` count **whitespace tokens**. ``load_splits``
+Filtering (``filter_pairs`` by a ``PairFilter``): pairs with an empty side are dropped, kept or
+raise (``on_empty``); ``max_len`` and ``max_ratio`` count **whitespace tokens**. ``read_split``
 filters the train split only; valid and test keep every pair, an empty side as ``""`` (with
 a warning), so that hypotheses stay line-aligned with the reference files they are scored
 against.
@@ -36,13 +39,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
+import itertools
 import json
 import logging
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nmt_ls.config import DataConfig
@@ -383,8 +388,31 @@ def _hf_reader(ds, source: str, src_lang: str, tgt_lang: str, data_files=None) -
 
 
 # ---------------------------------------------------------------------------
-# Filtering and read_pairs
+# Filtering
 # ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairFilter:
+    """Which pairs ``filter_pairs`` keeps.
+
+    Attributes:
+        max_len: drop a pair if either side has more than this many whitespace tokens.
+        max_ratio: drop a pair if ``max(n_src, n_tgt) / min(n_src, n_tgt) > max_ratio``
+            (whitespace tokens; pairs with an empty side are not ratio-tested).
+        on_empty: for a pair with an empty or whitespace-only side: ``"drop"`` (count it),
+            ``"keep"`` (keep it as is and log a warning naming where; for valid/test, whose
+            outputs are scored line by line against reference files) or ``"error"`` (raise
+            ``ValueError`` naming the file and line).
+    """
+
+    max_len: int | None = None
+    max_ratio: float | None = None
+    on_empty: str = "drop"
+
+    def __post_init__(self):
+        if self.on_empty not in ("drop", "keep", "error"):
+            raise ValueError(f"on_empty must be 'drop', 'keep' or 'error', got {self.on_empty!r}")
 
 
 def _warn_empty_kept(report: FilterReport, locations: list[str]) -> None:
@@ -401,9 +429,7 @@ def _warn_empty_kept(report: FilterReport, locations: list[str]) -> None:
 def filter_pairs(
     src: list[str],
     tgt: list[str],
-    max_len: int | None = None,
-    max_ratio: float | None = None,
-    on_empty: str = "drop",
+    rules: PairFilter = PairFilter(),
     source: str = "",
     where: list[str] | None = None,
 ) -> tuple[list[str], list[str], FilterReport]:
@@ -411,22 +437,15 @@ def filter_pairs(
 
     Args:
         src, tgt: aligned sentences.
-        max_len: drop a pair if either side has more than this many whitespace tokens.
-        max_ratio: drop a pair if ``max(n_src, n_tgt) / min(n_src, n_tgt) > max_ratio``
-            (whitespace tokens; pairs with an empty side are not ratio-tested).
-        on_empty: for a pair with an empty or whitespace-only side: ``"drop"`` (count it),
-            ``"keep"`` (keep it as is and log a warning naming where; for valid/test, whose
-            outputs are scored line by line against reference files) or ``"error"`` (raise
-            ``ValueError`` naming the file and line).
+        rules: what to drop (see ``PairFilter``). Default: only pairs with an empty side.
         source: corpus name for the report.
         where: per pair, its location ("file:line") for messages. Default: "<source> pair <i>".
     Returns:
         (src, tgt, report).
     """
-    if on_empty not in ("drop", "keep", "error"):
-        raise ValueError(f"on_empty must be 'drop', 'keep' or 'error', got {on_empty!r}")
     if len(src) != len(tgt):
         raise ValueError(f"{source}: {len(src)} source but {len(tgt)} target sentences")
+    max_len, max_ratio = rules.max_len, rules.max_ratio
     report = FilterReport(source=source, n_read=len(src))
     src_out, tgt_out, empty_kept = [], [], []
     for i, (s, t) in enumerate(zip(src, tgt, strict=True)):
@@ -434,9 +453,9 @@ def filter_pairs(
         if n_src == 0 or n_tgt == 0:
             loc = where[i] if where is not None else f"{source} pair {i + 1}"
             side = "source" if n_src == 0 else "target"
-            if on_empty == "error":
+            if rules.on_empty == "error":
                 raise ValueError(f"{loc}: empty {side} side (use on_empty='drop' to skip such pairs)")
-            if on_empty == "drop":
+            if rules.on_empty == "drop":
                 report.n_empty += 1
                 continue
             empty_kept.append(f"{loc} (empty {side})")
@@ -454,54 +473,192 @@ def filter_pairs(
     return src_out, tgt_out, report
 
 
-def _filtered(rows: list[Row], source: str, **filter_kwargs) -> tuple[list[str], list[str]]:
+def _filtered(rows: list[Row], source: str, rules: PairFilter) -> tuple[list[str], list[str]]:
     """``filter_pairs`` over ``rows``, logging the report; raises if nothing is there or left."""
     if not rows:
         raise ValueError(f"empty corpus: no sentence pairs in {source}")
     where, src, tgt = (list(col) for col in zip(*rows, strict=True))
-    src, tgt, report = filter_pairs(src, tgt, source=source, where=where, **filter_kwargs)
+    src, tgt, report = filter_pairs(src, tgt, rules, source=source, where=where)
     log.info("%s", report)
     if not src:
         raise ValueError(f"no pairs left in {source} after filtering ({report})")
     return src, tgt
 
 
-def _read_rows(path, src_lang: str, tgt_lang: str, split: str, fmt: str | None, config: str | None):
-    """Rows of one split of ``path`` and a short name of it for messages."""
-    if fmt is not None and fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    p = Path(path).expanduser()
-    if fmt is None:
-        found = _locate(p, split, src_lang, tgt_lang)
-        p, fmt = found if found is not None else (p, "hf")
-    else:
-        p = split_path(p, split, fmt)
-    if fmt != "hf":
-        return _read_local(p, fmt, src_lang, tgt_lang)
-    ds, source = _open_hf(str(path), config, None)
-    return _hf_reader(ds, source, src_lang, tgt_lang)(split, "split")
+# ---------------------------------------------------------------------------
+# The corpus spec and read_pairs
+# ---------------------------------------------------------------------------
 
 
-def read_pairs(
-    path: str | os.PathLike,
-    src_lang: str,
-    tgt_lang: str,
-    split: str = "train",
-    fmt: str | None = None,
-    config: str | None = None,
-    max_len: int | None = None,
-    max_ratio: float | None = None,
-    on_empty: str = "drop",
-) -> tuple[list[str], list[str]]:
-    """Read, validate and filter a parallel corpus into two aligned lists.
+def file_identities(paths: Iterable[Path]) -> list[dict]:
+    """Resolved path, size and mtime (ns) of each file: what caches and tokenizers are keyed on."""
+    out = []
+    for path in paths:
+        st = path.stat()
+        out.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A parallel corpus, resolved once: where each split is read from, and how.
+
+    ``open_corpus(DataConfig)`` makes a recipe's (preparing a registered corpus first, once);
+    ``Corpus(path, src_lang, tgt_lang)`` names a file, text prefix, folder or ``datasets``
+    source directly. What it learns from the disk it keeps: a split's format, its files'
+    identities and an opened ``datasets`` source are taken at first use, so a corpus edited
+    afterwards needs a new ``Corpus`` (each run makes one).
+
+    Attributes:
+        source: the path or name as given (``~`` allowed): ``data.dir`` for a recipe's local
+            corpus, ``data.path`` (or ``data.hub_name``) for ``datasets``.
+        src_lang, tgt_lang: the languages (file suffixes, columns or record keys).
+        fmt: one of ``FORMATS``; None: inferred per split (``infer_format``).
+        hub_config: the ``datasets`` configuration name (hub names only).
+        data_files: a ``datasets`` builder's ``{split: file or [files]}``.
+        recipe: the recipe's ``data.corpus``; None for a path, which is read as ``read_pairs``
+            has always read one (a split found in no local file is looked for with ``datasets``).
+        train_split, valid_split, test_split: the split names of the recipe's train, valid, test.
+        max_len, max_ratio: the train split's filters (``read_split``).
+    """
+
+    source: str | os.PathLike
+    src_lang: str
+    tgt_lang: str
+    fmt: str | None = None
+    hub_config: str | None = None
+    data_files: dict | None = None
+    recipe: str | None = None
+    train_split: str = "train"
+    valid_split: str = "valid"
+    test_split: str = "test"
+    max_len: int | None = None
+    max_ratio: float | None = None
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.fmt is not None and self.fmt not in FORMATS:
+            raise ValueError(f"unknown format {self.fmt!r}; expected one of {FORMATS}")
+
+    @property
+    def kind(self) -> str:
+        """``"path"`` (no recipe), ``"files"`` (a recipe's ``data.dir``) or ``"hf"`` (``datasets``)."""
+        return "path" if self.recipe is None else _READ_AS.get(self.recipe, "files")
+
+    @property
+    def location(self) -> str:
+        """``source`` with ``~`` expanded: what cache keys and messages name."""
+        return os.path.expanduser(str(self.source))
+
+    def split_name(self, which: str) -> str:
+        """The name of the recipe's split ``which`` (one of ``SPLITS``)."""
+        if which not in SPLITS:
+            raise ValueError(f"splits must be among {SPLITS}, got {[which]}")
+        return getattr(self, f"{which}_split")
+
+    def _memoized(self, key, make: Callable):
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def format(self, split: str) -> str:
+        """Which of ``FORMATS`` ``split`` is read in."""
+        return self._memoized(
+            ("format", split), lambda: self.fmt or infer_format(self.source, self.src_lang, self.tgt_lang, split)
+        )
+
+    def text_files(self, split: str) -> tuple[Path, Path]:
+        """The source and target files of a ``text`` split."""
+        prefix = split_path(self.source, split, "text")
+        return tuple(prefix.with_name(f"{prefix.name}.{lang}") for lang in (self.src_lang, self.tgt_lang))
+
+    def files(self, split: str) -> list[dict]:
+        """``file_identities`` of the local files ``split`` is read from, taken once."""
+        return self._memoized(("files", split), lambda: file_identities(self._local_files(split)))
+
+    def _local_files(self, split: str) -> list[Path]:
+        """The local files ``split`` is read from: for ``hf``, a local folder's files or the
+        split's ``data_files`` (globs expanded; URLs and hub names have none)."""
+        fmt = self.format(split)
+        if fmt == "text":
+            files = list(self.text_files(split))
+        elif fmt in ("tsv", "jsonl"):
+            files = [split_path(self.source, split, fmt)]
+        else:
+            local = Path(self.source).expanduser()
+            if local.is_dir():
+                return sorted(p for p in local.rglob("*") if p.is_file())
+            names = (self.data_files or {}).get(split, [])
+            names = [names] if isinstance(names, str) else names
+            matches = (glob.glob(os.path.expanduser(n)) for n in names if "://" not in n)
+            return sorted({Path(m) for m in itertools.chain.from_iterable(matches)})
+        for path in files:
+            if not path.is_file():
+                raise FileNotFoundError(f"no such file: {path}")
+        return files
+
+    def rows(self, split: str) -> tuple[list[Row], str]:
+        """The rows of ``split`` and a short name of it for messages."""
+        setting = self._setting(split)
+        if self.kind == "files":
+            root = self._folder()
+            if not _is_saved_dataset(root):
+                found = _locate(root, split, self.src_lang, self.tgt_lang)
+                if found is None:
+                    raise FileNotFoundError(f"{root}: no {self._expected(split)} ({setting}={split!r})")
+                return _read_local(*found, self.src_lang, self.tgt_lang)
+        elif self.kind == "path" and self.fmt != "hf":
+            if self.fmt is None:
+                found = _locate(Path(self.source).expanduser(), split, self.src_lang, self.tgt_lang)
+            else:
+                found = split_path(self.source, split, self.fmt), self.fmt
+            if found is not None:
+                return _read_local(*found, self.src_lang, self.tgt_lang)
+        return self._datasets()(split, setting)
+
+    def _setting(self, split: str) -> str:
+        """What named ``split``, for messages: the recipe's ``data.{which}_split``, else ``split``."""
+        for which in SPLITS if self.recipe is not None else ():
+            if getattr(self, f"{which}_split") == split:
+                return f"data.{which}_split"
+        return "split"
+
+    def _expected(self, split: str) -> str:
+        return f"{split}.{self.src_lang} + {split}.{self.tgt_lang}, {split}.tsv or {split}.jsonl"
+
+    def _folder(self) -> Path:
+        """``data.dir``, checked to be a folder."""
+        root = Path(self.source).expanduser()
+        if not root.is_dir():
+            what = "is a file, not a folder" if root.exists() else "does not exist"
+            error = ValueError if root.exists() else FileNotFoundError
+            raise error(
+                f"data.dir {self.source!r} {what} ({root.resolve()}); data.corpus {self.recipe!r} reads "
+                f"{self._expected('{split}')} in it"
+            )
+        return root
+
+    def _datasets(self) -> SplitReader:
+        """The reader of the ``datasets`` source, opened once. Local paths never go to the hub."""
+
+        def open_source() -> SplitReader:
+            path = str(self.source)
+            ds, source = _open_hf(path, self.hub_config, self.data_files)
+            files = self.data_files if path in BUILDERS else None
+            return _hf_reader(ds, source, self.src_lang, self.tgt_lang, files)
+
+        return self._memoized("datasets", open_source)
+
+
+def read_pairs(corpus: Corpus, split: str = "train", rules: PairFilter = PairFilter()) -> tuple[list[str], list[str]]:
+    """Read, validate and filter one split of a parallel corpus into two aligned lists.
 
     Args:
-        path: file, prefix, directory or dataset name (see the module docstring).
+        corpus: the corpus (``Corpus(path, src_lang, tgt_lang)``: a file, prefix, directory or
+            dataset name; see the module docstring).
         split: file name inside a directory (``{split}.{lang}``, ``{split}.tsv``,
             ``{split}.jsonl``) or the ``datasets`` split.
-        fmt: one of ``FORMATS``; inferred from ``path`` when None.
-        config: ``datasets`` configuration name (``"hf"`` hub names only).
-        max_len, max_ratio, on_empty: see ``filter_pairs``.
+        rules: see ``PairFilter``. Default: drop pairs with an empty side.
     Returns:
         (src, tgt): equal-length lists of stripped strings (non-empty unless ``on_empty="keep"``).
     Raises:
@@ -510,28 +667,20 @@ def read_pairs(
         ValueError: unequal line counts, invalid UTF-8 or malformed line (file and
             line named), empty corpus, or nothing left after filtering.
     """
-    rows, source = _read_rows(path, src_lang, tgt_lang, split, fmt, config)
-    return _filtered(rows, source, max_len=max_len, max_ratio=max_ratio, on_empty=on_empty)
+    rows, source = corpus.rows(split)
+    return _filtered(rows, source, rules)
 
 
-def load_parallel(
-    path: str | os.PathLike,
-    src_lang: str,
-    tgt_lang: str,
-    split: str = "train",
-    fmt: str | None = None,
-    config: str | None = None,
-    **filter_kwargs,
-):
+def load_parallel(corpus: Corpus, split: str = "train", rules: PairFilter = PairFilter()):
     """``read_pairs`` as a ``datasets.Dataset`` with string columns ``src`` and ``tgt``."""
     import datasets
 
-    src, tgt = read_pairs(path, src_lang, tgt_lang, split=split, fmt=fmt, config=config, **filter_kwargs)
+    src, tgt = read_pairs(corpus, split, rules)
     return datasets.Dataset.from_dict({"src": src, "tgt": tgt})
 
 
 # ---------------------------------------------------------------------------
-# Recipes: the corpus registry and load_splits
+# Recipes: the corpus registry, open_corpus and read_split
 # ---------------------------------------------------------------------------
 
 # Corpora that are made before they are read: name -> function(DataConfig) that writes
@@ -560,73 +709,67 @@ def _prepare_lohelp(d: DataConfig) -> None:
     prepare_lohelp(os.path.expanduser(d.dir), d.src_lang, d.tgt_lang)
 
 
-def _files_reader(d: DataConfig) -> SplitReader:
-    """Reads ``{dir}/{split}.{lang}`` pairs, ``.tsv`` or ``.jsonl`` (or a save_to_disk folder)."""
-    root = Path(d.dir).expanduser()
-    expected = f"{{split}}.{d.src_lang} + {{split}}.{d.tgt_lang}, {{split}}.tsv or {{split}}.jsonl"
-    if not root.is_dir():
-        what = "is a file, not a folder" if root.exists() else "does not exist"
-        error = ValueError if root.exists() else FileNotFoundError
-        raise error(f"data.dir {d.dir!r} {what} ({root.resolve()}); data.corpus {d.corpus!r} reads {expected} in it")
-    if _is_saved_dataset(root):
-        import datasets
+def open_corpus(d: DataConfig, prepare: bool = True) -> Corpus:
+    """The recipe's corpus (see the module docstring), resolved once for a run: its keys are
+    checked to fit it and a corpus in ``CORPORA`` is prepared (idempotently).
 
-        return _hf_reader(datasets.load_from_disk(str(root)), str(root), d.src_lang, d.tgt_lang)
-
-    def read(split: str, key: str) -> tuple[list[Row], str]:
-        found = _locate(root, split, d.src_lang, d.tgt_lang)
-        if found is None:
-            raise FileNotFoundError(f"{root}: no {expected.replace('{split}', split)} ({key}={split!r})")
-        return _read_local(*found, d.src_lang, d.tgt_lang)
-
-    return read
-
-
-def _open_corpus(d: DataConfig) -> SplitReader:
-    """The reader of ``d``'s splits (see the module docstring); checks the keys fit the corpus."""
+    Args:
+        prepare: False where another process prepares it (the main worker, for the others).
+    Raises:
+        ValueError: a bad setting (key named).
+    """
     read_as = "files" if d.corpus in CORPORA else _READ_AS.get(d.corpus)
     if read_as is None:
         raise ValueError(f"data.corpus must be files, hf (alias hub) or one of {sorted(CORPORA)}, got {d.corpus!r}")
-    if read_as == "files":
-        if d.path is not None or d.data_files is not None:
-            raise ValueError(f"data.path and data.data_files are read with data.corpus: hf, not {d.corpus!r}")
-        return _files_reader(d)
-    path = d.path or d.hub_name
-    if not path:
+    if read_as == "files" and (d.path is not None or d.data_files is not None):
+        raise ValueError(f"data.path and data.data_files are read with data.corpus: hf, not {d.corpus!r}")
+    if read_as == "hf" and not (d.path or d.hub_name):
         raise ValueError(
             f"data.corpus: {d.corpus} needs data.path: a hub name, a save_to_disk folder, a data folder, "
             f"or one of {BUILDERS} with data.data_files"
         )
-    ds, source = _open_hf(path, d.hub_config, d.data_files)
-    return _hf_reader(ds, source, d.src_lang, d.tgt_lang, d.data_files if path in BUILDERS else None)
+    if prepare and d.corpus in CORPORA:
+        CORPORA[d.corpus](d)
+    return Corpus(
+        d.dir if read_as == "files" else (d.path or d.hub_name),
+        d.src_lang,
+        d.tgt_lang,
+        fmt="hf" if read_as == "hf" else None,
+        hub_config=d.hub_config,
+        data_files=d.data_files,
+        recipe=d.corpus,
+        train_split=d.train_split,
+        valid_split=d.valid_split,
+        test_split=d.test_split,
+        max_len=d.max_len,
+        max_ratio=d.max_ratio,
+    )
 
 
-def _split_pairs(d: DataConfig, which: str, read: SplitReader) -> list[tuple[str, str]]:
-    key = f"data.{which}_split"
-    rows, source = read(getattr(d, f"{which}_split"), key)
-    if which == "train":
-        src, tgt = _filtered(rows, source, max_len=d.max_len, max_ratio=d.max_ratio, on_empty="drop")
-    else:
-        src, tgt = _filtered(rows, source, on_empty="keep")
-    return list(zip(src, tgt, strict=True))
+def read_split(corpus: Corpus, which: str) -> list[tuple[str, str]]:
+    """The pairs ``(src, tgt)`` of the recipe's split ``which`` (one of ``SPLITS``).
 
-
-def load_splits(d: DataConfig, splits: Sequence[str] = SPLITS) -> dict[str, list[tuple[str, str]]]:
-    """The recipe's pairs ``(src, tgt)`` of each of ``splits`` (a subset of ``SPLITS``).
-
-    A corpus in ``CORPORA`` is prepared first. The train split loses pairs with an empty side
-    and those over ``d.max_len`` / ``d.max_ratio``; valid and test keep every pair in order (an
-    empty side as ``""``, with a warning naming where), so outputs align with the references.
+    The train split loses pairs with an empty side and those over ``max_len`` / ``max_ratio``;
+    valid and test keep every pair in order (an empty side as ``""``, with a warning naming
+    where), so outputs align with the references.
 
     Raises:
         FileNotFoundError: a missing folder or file, named (``DatasetUnavailableError``: a hub
             dataset that cannot be loaded here, with what to do).
         ValueError: a malformed file (file and line named), a bad setting (key named).
     """
+    if which == "train":
+        rules = PairFilter(corpus.max_len, corpus.max_ratio, on_empty="drop")
+    else:
+        rules = PairFilter(on_empty="keep")
+    src, tgt = read_pairs(corpus, corpus.split_name(which), rules)
+    return list(zip(src, tgt, strict=True))
+
+
+def load_splits(d: DataConfig, splits: Sequence[str] = SPLITS) -> dict[str, list[tuple[str, str]]]:
+    """``read_split`` of each of ``splits`` (a subset of ``SPLITS``) of ``open_corpus(d)``."""
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise ValueError(f"splits must be among {SPLITS}, got {unknown}")
-    if d.corpus in CORPORA:
-        CORPORA[d.corpus](d)
-    read = _open_corpus(d)
-    return {which: _split_pairs(d, which, read) for which in SPLITS if which in splits}
+    corpus = open_corpus(d)
+    return {which: read_split(corpus, which) for which in SPLITS if which in splits}

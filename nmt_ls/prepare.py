@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import lxml.html
@@ -319,14 +320,29 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Where the help pages come from and how they are split.
+
+    Attributes:
+        html_root: already-extracted packages (a directory containing
+            ``usr/share/libreoffice/help/<lang>/...``); if None, the Debian packages
+            are fetched with ``apt-get download`` into ``cache_dir``.
+        cache_dir: Default: ``out_dir/.cache``.
+        valid_frac, test_frac: fraction of help *pages* per held-out split.
+    """
+
+    html_root: str | os.PathLike | None = None
+    cache_dir: str | os.PathLike | None = None
+    valid_frac: float = 0.06
+    test_frac: float = 0.06
+
+
 def prepare_lohelp(
     out_dir: str | os.PathLike,
     src_lang: str = "en",
     tgt_lang: str = "de",
-    html_root: str | os.PathLike | None = None,
-    valid_frac: float = 0.06,
-    test_frac: float = 0.06,
-    cache_dir: str | os.PathLike | None = None,
+    options: PrepareOptions = PrepareOptions(),
     force: bool = False,
 ) -> dict:
     """Prepare the LibreOffice-help parallel corpus in ``out_dir``.
@@ -334,11 +350,7 @@ def prepare_lohelp(
     Args:
         out_dir: where ``{train,valid,test}.{src_lang,tgt_lang}``, ``stats.json`` and
             ``NOTICE`` go.
-        html_root: already-extracted packages (a directory containing
-            ``usr/share/libreoffice/help/<lang>/...``); if None, the Debian packages
-            are fetched with ``apt-get download`` into ``cache_dir``.
-        valid_frac, test_frac: fraction of help *pages* per held-out split.
-        cache_dir: Default: ``out_dir/.cache``.
+        options: the packages' source and the split (see ``PrepareOptions``).
         force: rebuild even if the outputs exist.
     Returns:
         the statistics also written to ``stats.json``.
@@ -352,49 +364,58 @@ def prepare_lohelp(
 
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    debs: list[str] = []
+    html_root, debs = options.html_root, []
     if html_root is None:
-        cache = Path(cache_dir) if cache_dir is not None else out_dir / ".cache"
+        cache = Path(options.cache_dir) if options.cache_dir is not None else out_dir / ".cache"
         html_root, debs = fetch_html_root(cache, [src_lang, tgt_lang])
     t_fetch = time.perf_counter() - t0
 
     triples = align_pages(html_root, src_lang, tgt_lang)
-    splits, counts = split_pairs(triples, valid_frac=valid_frac, test_frac=test_frac)
+    splits, counts = split_pairs(triples, valid_frac=options.valid_frac, test_frac=options.test_frac)
     if counts["total"] == 0:
         raise ValueError(f"no aligned {src_lang}-{tgt_lang} pairs found under {html_root}")
-
-    for split, pairs in splits.items():
-        _write_lines(out_dir / f"{split}.{src_lang}", [src for src, _ in pairs])
-        _write_lines(out_dir / f"{split}.{tgt_lang}", [tgt for _, tgt in pairs])
-    packages = ", ".join(debs) if debs else f"{_package(src_lang)}, {_package(tgt_lang)}"
-    (out_dir / "NOTICE").write_text(NOTICE_TEXT.format(packages=packages), encoding="utf-8")
-
+    _write_corpus(out_dir, splits, (src_lang, tgt_lang), debs)
     stats = {
         "corpus": "libreoffice-help",
         "src_lang": src_lang,
         "tgt_lang": tgt_lang,
         "debs": debs,
-        "valid_frac": valid_frac,
-        "test_frac": test_frac,
+        "valid_frac": options.valid_frac,
+        "test_frac": options.test_frac,
         **counts,
         "fetch_s": round(t_fetch, 2),
         "total_s": round(time.perf_counter() - t0, 2),
     }
+    _save_stats(stats_path, stats)
+    return stats
+
+
+def _save_stats(stats_path: Path, stats: dict) -> None:
+    """Write ``stats.json``, last: its presence marks a complete run; log its summary."""
     tmp = stats_path.with_name("stats.json.tmp")
     tmp.write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, stats_path)  # last: its presence marks a complete run
+    os.replace(tmp, stats_path)
     log.info(
         "%s-%s: %d unique pairs -> train %d | valid %d | test %d (%.1f s) in %s",
-        src_lang,
-        tgt_lang,
+        stats["src_lang"],
+        stats["tgt_lang"],
         stats["total"],
         stats["train"],
         stats["valid"],
         stats["test"],
         stats["total_s"],
-        out_dir,
+        stats_path.parent,
     )
-    return stats
+
+
+def _write_corpus(out_dir: Path, splits: dict, langs: tuple[str, str], debs: list[str]) -> None:
+    """Each split's ``{split}.{lang}`` files, and the ``NOTICE``."""
+    src_lang, tgt_lang = langs
+    for split, pairs in splits.items():
+        _write_lines(out_dir / f"{split}.{src_lang}", [src for src, _ in pairs])
+        _write_lines(out_dir / f"{split}.{tgt_lang}", [tgt for _, tgt in pairs])
+    packages = ", ".join(debs) if debs else f"{_package(src_lang)}, {_package(tgt_lang)}"
+    (out_dir / "NOTICE").write_text(NOTICE_TEXT.format(packages=packages), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,16 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        stats = prepare_lohelp(
-            args.out,
-            args.src_lang,
-            args.tgt_lang,
-            html_root=args.html_root,
-            valid_frac=args.valid_frac,
-            test_frac=args.test_frac,
-            cache_dir=args.cache_dir,
-            force=args.force,
-        )
+        options = PrepareOptions(args.html_root, args.cache_dir, args.valid_frac, args.test_frac)
+        stats = prepare_lohelp(args.out, args.src_lang, args.tgt_lang, options, force=args.force)
     except (PrepareError, FileNotFoundError, ValueError) as err:
         log.error("%s", err)
         return 1

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
@@ -44,17 +45,34 @@ def _as_files(data) -> list[str] | None:
     return None
 
 
+@dataclass(frozen=True)
+class SpmOptions:
+    """How ``train_spm`` trains, beyond the vocabulary's size and model type.
+
+    Attributes:
+        character_coverage (float): Default: 1.0 (every character of the data).
+        normalization_rule_name (str): Default: ``"identity"`` (exact round trip);
+            ``"nmt_nfkc"`` is SentencePiece's own default.
+        byte_fallback (bool): unknown characters -> UTF-8 byte pieces (256 ids).
+        input_sentence_size (int): sample this many sentences (0: use all).
+        seed (int): seeds SentencePiece's sampling.
+        num_threads (int): 1 keeps training bit-for-bit reproducible.
+    """
+
+    character_coverage: float = 1.0
+    normalization_rule_name: str = "identity"
+    byte_fallback: bool = True
+    input_sentence_size: int = 0
+    seed: int = 0
+    num_threads: int = 1
+
+
 def train_spm(
     data: str | os.PathLike | Sequence[str | os.PathLike] | Iterable[str],
     model_prefix: str | os.PathLike,
     vocab_size: int,
     model_type: str = "unigram",
-    character_coverage: float = 1.0,
-    normalization_rule_name: str = "identity",
-    byte_fallback: bool = True,
-    input_sentence_size: int = 0,
-    seed: int = 0,
-    num_threads: int = 1,
+    options: SpmOptions = SpmOptions(),
     **extra,
 ) -> Path:
     """Train a SentencePiece model with the fixed special ids.
@@ -67,13 +85,7 @@ def train_spm(
         model_prefix: writes ``{model_prefix}.model`` and ``.vocab``.
         vocab_size: number of pieces, specials and byte pieces included.
         model_type: ``"unigram"`` or ``"bpe"``.
-        character_coverage: Default: 1.0 (every character of the data).
-        normalization_rule_name: Default: ``"identity"`` (exact round trip);
-            ``"nmt_nfkc"`` is SentencePiece's own default.
-        byte_fallback: unknown characters -> UTF-8 byte pieces (256 ids).
-        input_sentence_size: sample this many sentences (0: use all).
-        seed: seeds SentencePiece's sampling.
-        num_threads: 1 keeps training bit-for-bit reproducible.
+        options: the other training options (see ``SpmOptions``).
         extra: further ``SentencePieceTrainer`` options.
     Returns:
         path of the ``.model`` file.
@@ -84,39 +96,11 @@ def train_spm(
         raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
     prefix = Path(model_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    files = _as_files(data)
-    if files is not None:
-        for f in files:
-            if not os.path.isfile(f):
-                raise FileNotFoundError(f"no such file: {f}")
-        source = {"input": ",".join(files)}
-    else:
-        source = {"sentence_iterator": iter(data)}
-    spm.set_random_generator_seed(seed)
-    kwargs = dict(
-        model_prefix=str(prefix),
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=character_coverage,
-        normalization_rule_name=normalization_rule_name,
-        remove_extra_whitespaces=False,
-        byte_fallback=byte_fallback,
-        input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True,
-        num_threads=num_threads,
-        pad_id=PAD_ID,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        pad_piece=SPECIAL_PIECES[PAD_ID],
-        unk_piece=SPECIAL_PIECES[UNK_ID],
-        bos_piece=SPECIAL_PIECES[BOS_ID],
-        eos_piece=SPECIAL_PIECES[EOS_ID],
-        minloglevel=2,  # quiet: errors only
-    )
+    kwargs = _trainer_kwargs(prefix, vocab_size, model_type, options)
     kwargs.update(extra)
+    spm.set_random_generator_seed(options.seed)
     try:
-        spm.SentencePieceTrainer.train(**source, **kwargs)
+        spm.SentencePieceTrainer.train(**_trainer_input(data), **kwargs)
     except RuntimeError as err:
         msg = str(err)
         if "Vocabulary size too high" in msg or "Vocabulary size is smaller than required_chars" in msg:
@@ -130,6 +114,43 @@ def train_spm(
     model_path = prefix.with_name(prefix.name + ".model")
     log.info("trained %s sentencepiece model %s (vocab %d)", model_type, model_path, vocab_size)
     return model_path
+
+
+def _trainer_input(data) -> dict:
+    """``input`` (files, checked to exist) or ``sentence_iterator`` for the trainer."""
+    files = _as_files(data)
+    if files is None:
+        return {"sentence_iterator": iter(data)}
+    for f in files:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"no such file: {f}")
+    return {"input": ",".join(files)}
+
+
+def _trainer_kwargs(prefix: Path, vocab_size: int, model_type: str, options: SpmOptions) -> dict:
+    """``SentencePieceTrainer.train`` options: the fixed special ids and pieces, no whitespace
+    normalisation, and ``options``."""
+    return dict(
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=options.character_coverage,
+        normalization_rule_name=options.normalization_rule_name,
+        remove_extra_whitespaces=False,
+        byte_fallback=options.byte_fallback,
+        input_sentence_size=options.input_sentence_size,
+        shuffle_input_sentence=True,
+        num_threads=options.num_threads,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_piece=SPECIAL_PIECES[PAD_ID],
+        unk_piece=SPECIAL_PIECES[UNK_ID],
+        bos_piece=SPECIAL_PIECES[BOS_ID],
+        eos_piece=SPECIAL_PIECES[EOS_ID],
+        minloglevel=2,  # quiet: errors only
+    )
 
 
 class Tokenizer:

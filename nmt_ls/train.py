@@ -33,10 +33,10 @@ from tqdm import tqdm
 
 from nmt_ls import checkpoint
 from nmt_ls.batching import Batch, batch_by_tokens, update_size
-from nmt_ls.binarize import MmapPairs, binarize_recipe, recipe_files
+from nmt_ls.binarize import MmapPairs, binarize_recipe
 from nmt_ls.config import DROPOUTS, RunConfig, differences, to_dict
 from nmt_ls.criterions import CRITERIONS, build_criterion, import_user_module, reduce_metrics
-from nmt_ls.data import load_splits
+from nmt_ls.data import Corpus, open_corpus, read_split
 from nmt_ls.distributed import World, init_world
 from nmt_ls.evaluate import corpus_bleu
 from nmt_ls.hardware import (
@@ -269,20 +269,20 @@ def criterion_kwargs(cfg: RunConfig, pad_id: int) -> dict:
     )
 
 
-def tokenizer_spec(cfg: RunConfig) -> dict:
+def tokenizer_spec(cfg: RunConfig, corpus: Corpus) -> dict:
     """What ``spm.model`` is trained from: the tokenizer options, the data settings and the train
     split's files (path, size, mtime), the identity that its binarized cache is keyed on."""
     data = {k: v for k, v in to_dict(cfg.data).items() if k != "valid_bleu_sentences"}
-    train_files = recipe_files(cfg.data, cfg.data.train_split)
+    train_files = corpus.files(corpus.train_split)
     return {"tokenizer": to_dict(cfg.tokenizer), "data": data, "train_files": train_files}
 
 
-def load_tokenizer(cfg: RunConfig, world: World, ckpt: dict | None) -> Tokenizer:
+def load_tokenizer(cfg: RunConfig, world: World, ckpt: dict | None, corpus: Corpus) -> Tokenizer:
     """The run's sentencepiece model: the checkpoint's when resuming; else ``spm.model`` in
     ``out_dir`` if it was trained from the same options and train files, else trained anew on the
     train split (read only then)."""
     path, spec_path = Path(cfg.out_dir) / "spm.model", Path(cfg.out_dir) / "spm.json"
-    spec = tokenizer_spec(cfg) if world.is_main else None  # may prepare the corpus: once
+    spec = tokenizer_spec(cfg, corpus) if world.is_main else None
     if world.is_main and ckpt is not None:  # its tokenizer is the recipe's (check_resume)
         checkpoint.tensor_to_spm(ckpt["spm"], path)
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
@@ -292,7 +292,7 @@ def load_tokenizer(cfg: RunConfig, world: World, ckpt: dict | None) -> Tokenizer
             if path.exists():
                 changed = ", ".join(k for k in spec if old is None or old.get(k) != spec[k])
                 log.info("retraining %s: its %s changed since it was trained", path, changed)
-            train_pairs = load_splits(cfg.data, ("train",))["train"]
+            train_pairs = read_split(corpus, "train")
             t = cfg.tokenizer
             train_spm(
                 [s for s, _ in train_pairs] + [t_ for _, t_ in train_pairs],
@@ -305,13 +305,13 @@ def load_tokenizer(cfg: RunConfig, world: World, ckpt: dict | None) -> Tokenizer
     return Tokenizer(path)
 
 
-def open_data(cfg: RunConfig, tok: Tokenizer, world: World) -> dict[str, MmapPairs]:
+def open_data(cfg: RunConfig, tok: Tokenizer, world: World, corpus: Corpus) -> dict[str, MmapPairs]:
     """The train and valid splits, binarized once (by the main worker, when the cache is
     missing or stale) and memory-mapped by every worker: nothing is broadcast."""
     if world.is_main:
-        binarize_recipe(cfg, tok.model_path)
+        binarize_recipe(cfg, corpus, tok.model_path)
     world.wait_for_setup()
-    return binarize_recipe(cfg, tok.model_path, build=False)
+    return binarize_recipe(cfg, corpus, tok.model_path, build=False)
 
 
 class DecoderFeatures(nn.Module):
@@ -491,10 +491,11 @@ def setup(cfg: RunConfig, resume: bool, test_split: bool = False) -> Run:
     random.seed(t.seed)
     torch.manual_seed(t.seed)
 
-    tok = load_tokenizer(cfg, world, ckpt)
-    data = open_data(cfg, tok, world)
+    corpus = open_corpus(cfg.data, prepare=world.is_main)  # prepared by the main worker alone
+    tok = load_tokenizer(cfg, world, ckpt, corpus)
+    data = open_data(cfg, tok, world, corpus)
     valid_batches, bleu_src, bleu_ref = valid_data(cfg, tok, data["valid"])
-    test_sentences = len(load_splits(cfg.data, ("test",))["test"]) if test_split and world.is_main else 0
+    test_sentences = len(read_split(corpus, "test")) if test_split and world.is_main else 0
     model = build_model(tok.vocab_size, tok.pad_id, **dataclasses.asdict(cfg.model)).to(world.device)
     criterion = build_criterion(**criterion_kwargs(cfg, tok.pad_id))
     optimizer = build_optimizer(model, t.lr, t.betas, t.adam_eps, t.weight_decay)

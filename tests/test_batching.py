@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nmt_ls.batching import Batch, batch_by_tokens, collate, shard, update_size
+from nmt_ls.batching import Batch, TokenBudget, batch_by_tokens, collate, shard, update_size
 
 PAD, BOS, EOS = 0, 2, 3
 
@@ -58,7 +58,8 @@ def corpora(draw):
 @given(corpora(), st.integers(0, 3), st.booleans())
 def test_batches_respect_budget_and_cover_every_example_once(corpus, epoch, shuffle):
     src_lens, tgt_lens, max_tokens, max_sentences = corpus
-    batches = batch_by_tokens(src_lens, tgt_lens, max_tokens, max_sentences, seed=1, epoch=epoch, shuffle=shuffle)
+    budget = TokenBudget(max_tokens, max_sentences)
+    batches = batch_by_tokens(src_lens, tgt_lens, budget, seed=1, epoch=epoch, shuffle=shuffle)
     assert sorted(i for b in batches for i in b) == list(range(len(src_lens)))
     for b in batches:
         assert b.dtype == np.int64 and len(b) and padded_size(b, src_lens, tgt_lens) <= max_tokens
@@ -82,7 +83,7 @@ def wide_corpora(draw):
 def test_same_batches_as_the_example_at_a_time_reference(corpus, seed, epoch, shuffle):
     src_lens, tgt_lens, max_tokens, max_sentences = corpus
     src_array = np.array(src_lens, dtype=np.uint16)  # as MmapPairs maps them
-    got = batch_by_tokens(src_array, tgt_lens, max_tokens, max_sentences, seed, epoch, shuffle)
+    got = batch_by_tokens(src_array, tgt_lens, TokenBudget(max_tokens, max_sentences), seed, epoch, shuffle)
     assert as_lists(got) == reference_batches(src_lens, tgt_lens, max_tokens, max_sentences, seed, epoch, shuffle)
 
 
@@ -90,7 +91,7 @@ def test_same_batches_as_the_reference_on_a_large_random_corpus():
     rng = np.random.default_rng(0)
     src_lens, tgt_lens = rng.integers(1, 257, 20_000), rng.integers(0, 256, 20_000)
     for max_sentences in (None, 7):
-        got = batch_by_tokens(src_lens, tgt_lens, 4000, max_sentences, seed=3, epoch=1)
+        got = batch_by_tokens(src_lens, tgt_lens, TokenBudget(4000, max_sentences), seed=3, epoch=1)
         assert as_lists(got) == reference_batches(src_lens, tgt_lens, 4000, max_sentences, seed=3, epoch=1)
 
 

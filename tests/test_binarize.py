@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,18 @@ import torch
 
 from nmt_ls import binarize as binarize_module
 from nmt_ls.batching import batch_by_tokens
-from nmt_ls.binarize import EncodedPairs, MmapPairs, binarize, binarize_recipe, encode_pairs, open_or_build
+from nmt_ls.binarize import (
+    CorpusSplit,
+    EncodedPairs,
+    Encoding,
+    MmapPairs,
+    binarize,
+    binarize_recipe,
+    encode_pairs,
+    open_or_build,
+)
 from nmt_ls.config import load_recipe
-from nmt_ls.data import load_splits, read_pairs
+from nmt_ls.data import Corpus, PairFilter, load_splits, open_corpus, read_pairs
 from nmt_ls.tokenizer import Tokenizer, train_spm
 
 ROOT = Path(__file__).parent.parent
@@ -40,23 +50,21 @@ def corpus_dir(tmp_path):
 
 def in_memory(spm_path, source, split="train", max_len=None, max_ratio=None, max_positions=1024):
     """The in-memory path: read_pairs (with its filters), then encode_pairs."""
-    src, tgt = read_pairs(source, "en", "de", split=split, max_len=max_len, max_ratio=max_ratio)
+    src, tgt = read_pairs(Corpus(source, "en", "de"), split, PairFilter(max_len=max_len, max_ratio=max_ratio))
     encoded = encode_pairs(Tokenizer(spm_path), list(zip(src, tgt)), max_positions)
     return encoded.get(range(len(encoded)))
 
 
-def build(spm_path, source, cache_dir, split="train", max_positions=1024, **kwargs):
-    return open_or_build(
-        source, "en", "de", split=split, spm_path=spm_path, cache_dir=cache_dir, max_positions=max_positions, **kwargs
-    )
+def build(spm_path, source, cache_dir, max_positions=1024, max_len=None, max_ratio=None, fmt=None, **kwargs):
+    """``open_or_build`` of the train split of ``source``; ``kwargs``: ``build``, ``num_workers``."""
+    part = CorpusSplit(Corpus(source, "en", "de", fmt=fmt), "train", PairFilter(max_len, max_ratio))
+    return open_or_build(part, Encoding.of(spm_path, max_positions), cache_dir, **kwargs)
 
 
 @pytest.mark.parametrize("num_workers", [1, 2])
 def test_binarized_ids_equal_the_in_memory_encoding(spm_path, tmp_path, num_workers):
     src_ids, tgt_ids = in_memory(spm_path, FIXTURE, **FILTERS)
-    corpus = open_or_build(
-        FIXTURE, "en", "de", split="train", spm_path=spm_path, cache_dir=tmp_path, num_workers=num_workers, **FILTERS
-    )
+    corpus = build(spm_path, FIXTURE, tmp_path, num_workers=num_workers, **FILTERS)
     assert corpus.get(range(len(corpus))) == (src_ids, tgt_ids)
     assert corpus.src_lens.tolist() == [len(s) for s in src_ids]
     assert corpus.tgt_lens.tolist() == [len(t) for t in tgt_ids]
@@ -74,7 +82,8 @@ def test_streamed_lines_are_read_as_data_reads_them(spm_path, tmp_path):
     (tmp_path / "c.en").write_text("\n".join(src), encoding="utf-8")
     (tmp_path / "c.de").write_text("\n".join(tgt) + "\n", encoding="utf-8")
     expected = in_memory(spm_path, tmp_path / "c")
-    corpus = MmapPairs(binarize(tmp_path / "c", "en", "de", spm_path, tmp_path / "bin", num_workers=1, chunk_size=4))
+    part = CorpusSplit(Corpus(tmp_path / "c", "en", "de"))
+    corpus = MmapPairs(binarize(part, Encoding.of(spm_path), tmp_path / "bin", num_workers=1, chunk_size=4))
     assert len(corpus) == len(expected[0]) == 4 and corpus.get([0, 1, 2, 3]) == expected
     assert corpus.meta["counts"]["n_empty"] == 2
 
@@ -149,10 +158,11 @@ def test_killed_build_leaves_no_cache_and_its_leftovers_are_removed(spm_path, co
         f.write(b"\n".join(lines))
         f.truncate()
     with pytest.raises(ValueError, match=r"train\.de:2500: invalid UTF-8 \(invalid start byte at byte 0"):
-        binarize(corpus_dir, "en", "de", spm_path, tmp_path / "train.x", num_workers=2, chunk_size=500)
+        part = CorpusSplit(Corpus(corpus_dir, "en", "de"))
+        binarize(part, Encoding.of(spm_path), tmp_path / "train.x", num_workers=2, chunk_size=500)
     assert list(tmp_path.iterdir()) == [corpus_dir]  # neither a cache nor its temporary directory
     with pytest.raises(ValueError, match=r"train\.de:2500: invalid UTF-8"):
-        read_pairs(corpus_dir, "en", "de")  # the message of the in-memory path
+        read_pairs(Corpus(corpus_dir, "en", "de"))  # the message of the in-memory path
     corpus = build(spm_path, FIXTURE, tmp_path / "cache")
     leftover = tmp_path / "cache" / f".tmp.{corpus.path.name}.99999"
     shutil.copytree(corpus.path, leftover)  # a build killed before its rename
@@ -206,7 +216,7 @@ def test_binarize_recipe_matches_load_splits(spm_path, tmp_path):
     ]
     cfg = load_recipe(ROOT / "recipes" / "smoke.yaml", overrides)
     splits = load_splits(cfg.data)
-    corpora = binarize_recipe(cfg, spm_path, num_workers=1)
+    corpora = binarize_recipe(cfg, open_corpus(cfg.data), spm_path, num_workers=1)
     assert set(corpora) == {"train", "valid"}
     for name in ("train", "valid"):
         expected = encode_pairs(Tokenizer(spm_path), splits[name], cfg.model.max_positions)
@@ -233,12 +243,17 @@ def recipe(tmp_path, *extra):
     return load_recipe(ROOT / "recipes" / "smoke.yaml", [f"out_dir={str(tmp_path / 'run')!r}", *extra])
 
 
+def binarized(cfg, spm_path):
+    """``binarize_recipe`` as a run calls it, with the corpus it opens."""
+    return binarize_recipe(cfg, open_corpus(cfg.data), spm_path, num_workers=1)
+
+
 def texts(corpus):
     return corpus.get(np.arange(len(corpus)))
 
 
 def jsonl_lines(split, n=None):
-    en, de = (read_pairs(FIXTURE, "en", "de", split=split, on_empty="keep")[i][:n] for i in (0, 1))
+    en, de = (read_pairs(Corpus(FIXTURE, "en", "de"), split, PairFilter(on_empty="keep"))[i][:n] for i in (0, 1))
     return "".join(json.dumps({"en": s, "de": t}) + "\n" for s, t in zip(en, de))
 
 
@@ -248,11 +263,11 @@ def test_folder_of_tsv_or_jsonl_binarizes_as_the_text_folder(spm_path, tmp_path,
     folder = tmp_path / "corpus"
     folder.mkdir()
     for split in ("train", "valid"):
-        en, de = read_pairs(FIXTURE, "en", "de", split=split, on_empty="keep")
+        en, de = read_pairs(Corpus(FIXTURE, "en", "de"), split, PairFilter(on_empty="keep"))
         rows = [f"{s}\t{t}\n" for s, t in zip(en, de)] if fmt == "tsv" else [jsonl_lines(split)]
         (folder / f"{split}.{fmt}").write_text("".join(rows), encoding="utf-8")
-    text = binarize_recipe(recipe(tmp_path / "text", f"data.dir={str(FIXTURE)!r}"), spm_path, num_workers=1)
-    other = binarize_recipe(recipe(tmp_path / fmt, f"data.dir={str(folder)!r}"), spm_path, num_workers=1)
+    text = binarized(recipe(tmp_path / "text", f"data.dir={str(FIXTURE)!r}"), spm_path)
+    other = binarized(recipe(tmp_path / fmt, f"data.dir={str(folder)!r}"), spm_path)
     assert [len(other[k]) for k in ("train", "valid")] == [2600, 200]
     assert all(texts(other[k]) == texts(text[k]) for k in ("train", "valid"))
     assert [f["path"] for f in other["train"].meta["key_inputs"]["files"]] == [str(folder / f"train.{fmt}")]
@@ -268,12 +283,12 @@ def test_rewritten_data_files_rebuild_the_cache(spm_path, tmp_path, monkeypatch)
         Path(name).write_text(jsonl_lines(split), encoding="utf-8")
     cfg = recipe(tmp_path)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus="hf", path="json", data_files=files))
-    first = binarize_recipe(cfg, spm_path, num_workers=1)["train"]
+    first = binarized(cfg, spm_path)["train"]
     assert len(first) == 2600
     assert [f["path"] for f in first.meta["key_inputs"]["files"]] == [files["train"]]
     Path(files["train"]).write_text(jsonl_lines("train", 400), encoding="utf-8")
     assert len(load_splits(cfg.data, ("train",))["train"]) == 400
-    again = binarize_recipe(cfg, spm_path, num_workers=1)["train"]
+    again = binarized(cfg, spm_path)["train"]  # a new run: a new corpus, its files stat'ed anew
     assert len(again) == 400 and again.path != first.path
 
 
@@ -281,7 +296,37 @@ def test_home_relative_data_dir_is_expanded(spm_path, tmp_path, monkeypatch):
     """Issue 20 row 3: data.dir=~/corpus was read by load_splits but binarize inferred 'hf'."""
     monkeypatch.setenv("HOME", str(tmp_path))
     shutil.copytree(FIXTURE, tmp_path / "corpus")
-    corpora = binarize_recipe(recipe(tmp_path, "data.dir='~/corpus'"), spm_path, num_workers=1)
+    corpora = binarized(recipe(tmp_path, "data.dir='~/corpus'"), spm_path)
     assert [len(corpora[k]) for k in ("train", "valid")] == [2600, 200]
     assert corpora["train"].meta["key_inputs"]["fmt"] == "text"
     assert corpora["train"].meta["key_inputs"]["files"][0]["path"] == str(tmp_path / "corpus" / "train.en")
+
+
+def test_a_run_sets_its_corpus_up_once(spm_path, tmp_path, monkeypatch):
+    """Issue 26, set-up once: one corpus per run, prepared once; each split's files stat'ed once
+    (for the tokenizer's identity and both binarize calls); spm.model hashed once per binarize."""
+    from nmt_ls import data
+
+    calls = Counter()
+
+    def count(name, module, attr):
+        real = getattr(module, attr)
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, attr, counted)
+
+    monkeypatch.setattr(data, "CORPORA", dict(data.CORPORA))
+    data.register_corpus("counted")(lambda d: calls.update(["prepare"]))
+    count("stat", data, "file_identities")
+    count("hash", binarize_module, "spm_sha256")
+    cfg = recipe(tmp_path, f"data.dir={str(FIXTURE)!r}", "data.corpus='counted'")
+    corpus = open_corpus(cfg.data)
+    train_files = corpus.files(corpus.train_split)  # what train.tokenizer_spec keys spm.model on
+    built = binarize_recipe(cfg, corpus, spm_path, num_workers=1)  # the main worker builds
+    mapped = binarize_recipe(cfg, corpus, spm_path, build=False)  # then maps, as every worker does
+    assert calls == {"prepare": 1, "stat": 2, "hash": 2}
+    assert built["train"].meta["key_inputs"]["files"] == train_files
+    assert [c.path for c in built.values()] == [c.path for c in mapped.values()]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from nmt_ls import prepare
-from nmt_ls.prepare import align_pages, extract_page, page_split, prepare_lohelp, split_pairs
+from nmt_ls.prepare import PrepareOptions, align_pages, extract_page, page_split, prepare_lohelp, split_pairs
 
 PAGE = """<!DOCTYPE html>
 <html lang="{lang}"><head><meta charset="utf-8"><title>t</title></head><body>
@@ -155,7 +155,7 @@ def test_split_pairs_dedups_and_removes_leakage(monkeypatch):
 def test_prepare_lohelp_writes_and_caches(tmp_path, monkeypatch):
     root = write_tree(tmp_path / "root", pages=[f"shared/p{i}.html" for i in range(40)])
     out = tmp_path / "out"
-    stats = prepare_lohelp(out, html_root=root, valid_frac=0.2, test_frac=0.2)
+    stats = prepare_lohelp(out, options=PrepareOptions(html_root=root, valid_frac=0.2, test_frac=0.2))
     for split in ("train", "valid", "test"):
         en = (out / f"{split}.en").read_text(encoding="utf-8").splitlines()
         de = (out / f"{split}.de").read_text(encoding="utf-8").splitlines()
@@ -169,7 +169,7 @@ def test_prepare_lohelp_writes_and_caches(tmp_path, monkeypatch):
 
     # second call: cached, no parsing
     monkeypatch.setattr(prepare, "align_pages", lambda *a, **k: pytest.fail("should be cached"))
-    assert prepare_lohelp(out, html_root=root) == stats
+    assert prepare_lohelp(out, options=PrepareOptions(html_root=root)) == stats
 
 
 def test_prepare_without_apt_gives_clear_error(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from nmt_ls.data import read_pairs
+from nmt_ls.data import Corpus, read_pairs
 from nmt_ls.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, train_spm
 
 FIXTURE = Path(__file__).parent / "data" / "lohelp_en_de"
@@ -27,7 +27,7 @@ def test_special_ids_are_fixed(tok):
 
 
 def test_round_trip_on_held_out_test_lines(tok):
-    src, tgt = read_pairs(FIXTURE, "en", "de", split="test")
+    src, tgt = read_pairs(Corpus(FIXTURE, "en", "de"), "test")
     for line in src + tgt:
         assert tok.decode(tok.encode(line)) == line
     assert tok.decode_batch(tok.encode_batch(src)) == src
@@ -49,7 +49,7 @@ def test_encode_has_no_bos_eos_and_decode_strips_specials(tok):
 
 
 def test_training_is_deterministic(tmp_path):
-    src, tgt = read_pairs(FIXTURE, "en", "de", split="valid")
+    src, tgt = read_pairs(Corpus(FIXTURE, "en", "de"), "valid")
 
     def pieces(path):
         sp = spm.SentencePieceProcessor(model_file=str(path))
@@ -61,7 +61,7 @@ def test_training_is_deterministic(tmp_path):
 
 
 def test_bpe_model(tmp_path):
-    src, tgt = read_pairs(FIXTURE, "en", "de", split="valid")
+    src, tgt = read_pairs(Corpus(FIXTURE, "en", "de"), "valid")
     tok = Tokenizer(train_spm(iter(src + tgt), tmp_path / "bpe", 500, model_type="bpe"))
     assert tok.pad_id == PAD_ID
     assert all(tok.decode(tok.encode(t)) == t for t in tgt)
@@ -82,7 +82,7 @@ def test_bad_inputs(tmp_path):
 
 
 def test_foreign_model_with_other_special_ids_is_rejected(tmp_path):
-    src, _ = read_pairs(FIXTURE, "en", "de", split="valid")
+    src, _ = read_pairs(Corpus(FIXTURE, "en", "de"), "valid")
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(src), model_prefix=str(tmp_path / "foreign"), vocab_size=300, minloglevel=2
     )  # sentencepiece defaults: unk=0, bos=1, eos=2, no pad
@@ -97,6 +97,7 @@ def test_tokenizer_is_retrained_when_the_train_files_change(tmp_path, caplog):
     import shutil
 
     from nmt_ls.config import load_recipe
+    from nmt_ls.data import open_corpus
     from nmt_ls.distributed import World
     from nmt_ls.train import load_tokenizer
 
@@ -105,15 +106,15 @@ def test_tokenizer_is_retrained_when_the_train_files_change(tmp_path, caplog):
     corpus = Path(shutil.copytree(FIXTURE, tmp_path / "corpus"))
     cfg = load_recipe(SMOKE_RECIPE, overrides(tmp_path / "run", f"data.dir={str(corpus)!r}"))
     world = World(0, 1, torch.device("cpu"))
-    before = load_tokenizer(cfg, world, None)
+    before = load_tokenizer(cfg, world, None, open_corpus(cfg.data))  # each call a run, each run its corpus
     kept = (tmp_path / "run" / "spm.model").read_bytes()
-    assert load_tokenizer(cfg, world, None).sp.serialized_model_proto() == kept  # unchanged files: kept
+    assert load_tokenizer(cfg, world, None, open_corpus(cfg.data)).sp.serialized_model_proto() == kept  # kept
     for lang in ("en", "de"):
         path = corpus / f"train.{lang}"
         path.write_text(path.read_text(encoding="utf-8").upper(), encoding="utf-8")
     with caplog.at_level(logging.INFO, logger="nmt_ls.train"):
-        after = load_tokenizer(cfg, world, None)
+        after = load_tokenizer(cfg, world, None, open_corpus(cfg.data))
     assert "spm.model: its train_files changed since it was trained" in caplog.text
     assert (tmp_path / "run" / "spm.model").read_bytes() != kept
-    line = read_pairs(corpus, "en", "de")[0][0]
+    line = read_pairs(Corpus(corpus, "en", "de"))[0][0]
     assert len(after.encode(line)) < len(before.encode(line)) / 2  # fitted to the new text

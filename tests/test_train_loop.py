@@ -17,7 +17,7 @@ from nmt_ls import checkpoint
 from nmt_ls.__main__ import main
 from nmt_ls.config import load_recipe
 from nmt_ls.criterions import reduce_metrics
-from nmt_ls.data import read_pairs
+from nmt_ls.data import Corpus, read_pairs
 from nmt_ls.engines import load_for_inference
 from nmt_ls.model import build_model
 from nmt_ls.optim import build_optimizer, build_scheduler
@@ -288,7 +288,7 @@ def test_valid_loss_and_bleu_cover_the_same_pairs(tmp_path, caplog):
     )
     with caplog.at_level(logging.INFO, logger="nmt_ls.train"):
         run = setup(cfg, resume=False)
-    src, ref = read_pairs(corpus, "en", "de", split="valid")  # the pairs with two sides, as read
+    src, ref = read_pairs(Corpus(corpus, "en", "de"), "valid")  # the pairs with two sides, as read
     assert len(src) == 198
     assert (run.bleu_src, run.bleu_ref) == (src, ref)
     assert sum(b.src.size(0) for b in run.valid_batches) == validation_loss(run)["nsentences"] == 198

@@ -66,24 +66,22 @@ def rss_fields() -> dict:
 # ---- the worker: start -> first update ------------------------------------------------------
 
 
-def open_data(args, cfg, tok, rank: int, world_size: int):
-    """The training pairs as the chosen path holds them; returns (corpus, what keeps them alive)."""
-    from nmt_ls.binarize import encode_pairs, open_or_build
+def train_split(args, cfg):
+    """The train split of ``args.corpus`` with the recipe's filters."""
+    from nmt_ls.binarize import CorpusSplit
+    from nmt_ls.data import Corpus, PairFilter
 
     d = cfg.data
+    return CorpusSplit(Corpus(args.corpus, d.src_lang, d.tgt_lang), "train", PairFilter(d.max_len, d.max_ratio))
+
+
+def open_data(args, cfg, tok, rank: int, world_size: int):
+    """The training pairs as the chosen path holds them; returns (corpus, what keeps them alive)."""
+    from nmt_ls.binarize import Encoding, encode_pairs, open_or_build
+
     if args.mode == "mmap":
-        corpus = open_or_build(
-            args.corpus,
-            d.src_lang,
-            d.tgt_lang,
-            split="train",
-            spm_path=args.spm,
-            cache_dir=args.cache,
-            max_positions=cfg.model.max_positions,
-            max_len=d.max_len,
-            max_ratio=d.max_ratio,
-            build=False,
-        )
+        encoding = Encoding.of(args.spm, cfg.model.max_positions)
+        corpus = open_or_build(train_split(args, cfg), encoding, args.cache, build=False)
         return corpus, None
     import torch.distributed as dist
 
@@ -91,7 +89,8 @@ def open_data(args, cfg, tok, rank: int, world_size: int):
 
     pairs = None
     if rank == 0:
-        src, tgt = read_pairs(args.corpus, d.src_lang, d.tgt_lang, max_len=d.max_len, max_ratio=d.max_ratio)
+        part = train_split(args, cfg)
+        src, tgt = read_pairs(part.corpus, part.split, part.rules)
         pairs = list(zip(src, tgt))
         del src, tgt
     if world_size > 1:
@@ -210,7 +209,7 @@ def prepare(args, cfg) -> tuple[dict[int, Path], Path]:
     sys.path.insert(0, str(ROOT / "tools"))
     import make_synthetic_corpus
 
-    from nmt_ls.tokenizer import train_spm
+    from nmt_ls.tokenizer import SpmOptions, train_spm
 
     args.dir.mkdir(parents=True, exist_ok=True)
     prefixes = {}
@@ -226,32 +225,21 @@ def prepare(args, cfg) -> tuple[dict[int, Path], Path]:
             spm.with_suffix(""),
             cfg.tokenizer.vocab_size,
             model_type=cfg.tokenizer.model_type,
-            input_sentence_size=200_000,
+            options=SpmOptions(input_sentence_size=200_000),
         )
     return prefixes, spm
 
 
 def build_cache(args) -> None:
     """The worker of ``bench_binarize``: one build from scratch, timed, with CPU and memory use."""
-    from nmt_ls.binarize import open_or_build
+    from nmt_ls.binarize import Encoding, open_or_build
     from nmt_ls.config import load_recipe
 
     cfg = load_recipe(args.recipe)
     shutil.rmtree(args.cache, ignore_errors=True)
-    d = cfg.data
     start = time.time()
-    corpus = open_or_build(
-        args.corpus,
-        d.src_lang,
-        d.tgt_lang,
-        split="train",
-        spm_path=args.spm,
-        cache_dir=args.cache,
-        max_positions=cfg.model.max_positions,
-        max_len=d.max_len,
-        max_ratio=d.max_ratio,
-        num_workers=args.encode_workers,
-    )
+    encoding = Encoding.of(args.spm, cfg.model.max_positions)
+    corpus = open_or_build(train_split(args, cfg), encoding, args.cache, num_workers=args.encode_workers)
     seconds = time.time() - start
     main, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     print(

@@ -195,7 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nmt-ls", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
+    _add_training_commands(sub)
+    _add_model_commands(sub)
+    _add_evaluation_commands(sub)
+    return p
 
+
+def _add_training_commands(sub) -> None:
+    """prepare, train, run, binarize: the commands that take a recipe (or prepare's own arguments)."""
     s = sub.add_parser(
         "prepare", help="prepare the LibreOffice help corpus (see nmt-ls prepare --help)", add_help=False
     )
@@ -218,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="encoding processes (default: all CPUs)")
     s.set_defaults(func=cmd_binarize)
 
+
+def _add_model_commands(sub) -> None:
+    """translate and export: the commands that take a checkpoint."""
     s = sub.add_parser("translate", help="translate a file or stdin with a checkpoint (or a CTranslate2 export)")
     s.add_argument("checkpoint", help="a checkpoint; with --engine ctranslate2, a directory from nmt-ls export")
     s.add_argument("--engine", choices=("torch", "ctranslate2"), default="torch")
@@ -242,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     s.set_defaults(func=cmd_export)
 
+
+def _add_evaluation_commands(sub) -> None:
+    """score, plot, average: the commands on hypothesis files, logs and checkpoints' weights."""
     s = sub.add_parser("score", help="sacreBLEU BLEU, chrF++ and TER of hypothesis files, with paired tests")
     s.add_argument("hyp", nargs="+", help="hypothesis files; with a paired test the first is the baseline")
     s.add_argument("--ref", nargs="+", required=True, help="one or more reference files")
@@ -268,7 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoints", nargs="+")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_average)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

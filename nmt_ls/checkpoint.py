@@ -95,15 +95,20 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all([t.cpu() for t in rng["cuda"]])
 
 
-def training_state(
-    model: nn.Module, optimizer, scheduler, config: dict, spm_path: str | Path, progress: dict, rngs: list[dict]
-) -> dict:
-    """Everything ``--resume`` needs, plus what inference needs; ``rngs[r]`` is worker r's."""
+def training_state(stateful: dict, config: dict, spm_path: str | Path, progress: dict, rngs: list[dict]) -> dict:
+    """Everything ``--resume`` needs, plus what inference needs.
+
+    Args:
+        stateful (dict): name -> object with a ``state_dict()``, saved under that name, in
+            order: ``{"model": model, "optimizer": optimizer, "scheduler": scheduler}``.
+        config (dict): the resolved run config.
+        spm_path (str or Path): the sentencepiece model, stored as bytes.
+        progress (dict): the loop's counters, each a top-level entry.
+        rngs (list of dict): every worker's RNG states; ``rngs[r]`` is worker r's.
+    """
     return {
         "format": FORMAT,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        **{name: obj.state_dict() for name, obj in stateful.items()},
         "config": config,
         "spm": spm_to_tensor(spm_path),
         "rng": rngs,

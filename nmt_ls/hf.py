@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from transformers import TrainerCallback
 
-from nmt_ls.criterions.functional import SMOOTHINGS, LossOutput, label_smoothed_cross_entropy
+from nmt_ls.criterions.functional import SMOOTHINGS, LossOutput, LossSpec, label_smoothed_cross_entropy
 from nmt_ls.criterions.fused import fused_label_smoothed_cross_entropy
 
 IGNORE_INDEX = -100  # what Hugging Face collators and Trainer's token count use
@@ -71,7 +71,7 @@ class LabelSmoothedLoss:
                 )
             labels, ignore_index = labels.masked_fill(labels.eq(IGNORE_INDEX), self.pad_id), self.pad_id
         fn = fused_label_smoothed_cross_entropy if self.fused else label_smoothed_cross_entropy
-        return fn(logits, labels, self.epsilon, ignore_index, self.smoothing, reduction="sum")
+        return fn(logits, labels, LossSpec(self.epsilon, ignore_index, self.smoothing, "sum"))
 
     def __call__(self, outputs, labels: Tensor, num_items_in_batch: Tensor | int | None = None) -> Tensor:
         """The smoothed loss per token of the accumulated batch.

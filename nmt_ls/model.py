@@ -6,7 +6,8 @@ Conventions:
       the causal mask already keeps real positions from seeing the pads after them.
     * One embedding matrix is shared by source and target (joint vocabulary). By default
       the output projection is tied to it as well.
-    * ``forward`` returns logits and nothing else; the loss lives in ``criterions``.
+    * ``forward`` returns logits (or, with ``features_only=True``, the decoder features
+      before the output projection) and never a loss; the loss lives in ``criterions``.
 
 Incremental decoding uses a cache, a list with one dict per decoder layer:
 ``{"self_k", "self_v"}`` grow by one position each step, and ``{"cross_k", "cross_v"}``
@@ -15,6 +16,7 @@ are computed from ``memory`` on the first step and reused after that. Create one
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -183,11 +185,11 @@ class DecoderLayer(_Layer):
         return self.residual(x, self.norm_ffn, self.ffn)
 
 
-class Seq2Seq(nn.Module):
-    """Transformer encoder-decoder with a shared source/target embedding.
+@dataclass(frozen=True)
+class Architecture:
+    """The hyperparameters of a :class:`Seq2Seq` besides its vocabulary.
 
     Args:
-        vocab_size (int): size V of the joint vocabulary.
         d_model (int): model width D. Default: 256
         n_heads (int): attention heads; must divide ``d_model``. Default: 4
         ffn_dim (int): hidden size of the ReLU feed-forward blocks. Default: 1024
@@ -195,60 +197,70 @@ class Seq2Seq(nn.Module):
         dec_layers (int): decoder layers. Default: 3
         dropout (float): dropout on embeddings and on every residual branch. Default: 0.1
         attn_dropout (float): dropout on attention weights. Default: 0.0
-        pad_id (int): padding id; its embedding row starts at zero. Default: 0
         max_positions (int): longest sequence (source, or target including bos). Default: 1024
         pre_norm (bool): LayerNorm before each sublayer plus a final LayerNorm on encoder and
             decoder output; False gives the original post-norm Transformer. Default: True
         positions (str): "sinusoidal" (fixed) or "learned". Default: "sinusoidal"
         tie_embeddings (bool): use the embedding matrix as the output projection. Default: True
+    """
+
+    d_model: int = 256
+    n_heads: int = 4
+    ffn_dim: int = 1024
+    enc_layers: int = 3
+    dec_layers: int = 3
+    dropout: float = 0.1
+    attn_dropout: float = 0.0
+    max_positions: int = 1024
+    pre_norm: bool = True
+    positions: str = "sinusoidal"
+    tie_embeddings: bool = True
+
+
+class Seq2Seq(nn.Module):
+    """Transformer encoder-decoder with a shared source/target embedding.
+
+    Args:
+        vocab_size (int): size V of the joint vocabulary.
+        arch (Architecture): widths, depths, dropouts and variants. Default: ``Architecture()``
+        pad_id (int): padding id; its embedding row starts at zero. Default: 0
 
     Shape:
-        src: (B, S) token ids; tgt_in: (B, T) token ids starting with bos; output: (B, T, V).
+        src: (B, S) token ids; tgt_in: (B, T) token ids starting with bos; output: (B, T, V),
+        or the decoder features (B, T, D) with ``features_only=True``.
 
     Example::
-        >>> model = Seq2Seq(vocab_size=8000)
+        >>> model = Seq2Seq(8000, Architecture(d_model=512, n_heads=8))
         >>> logits = model(src, tgt_in)  # (B, T, V)
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        d_model: int = 256,
-        n_heads: int = 4,
-        ffn_dim: int = 1024,
-        enc_layers: int = 3,
-        dec_layers: int = 3,
-        dropout: float = 0.1,
-        attn_dropout: float = 0.0,
-        pad_id: int = 0,
-        max_positions: int = 1024,
-        pre_norm: bool = True,
-        positions: str = "sinusoidal",
-        tie_embeddings: bool = True,
-    ):
+    def __init__(self, vocab_size: int, arch: Architecture | None = None, pad_id: int = 0):
         super().__init__()
-        if positions not in ("sinusoidal", "learned"):
-            raise ValueError(f"positions must be 'sinusoidal' or 'learned', got {positions!r}")
+        arch = Architecture() if arch is None else arch
+        if arch.positions not in ("sinusoidal", "learned"):
+            raise ValueError(f"positions must be 'sinusoidal' or 'learned', got {arch.positions!r}")
+        d_model = arch.d_model
+        self.arch = arch
         self.vocab_size = vocab_size
         self.d_model = d_model
         self.pad_id = pad_id
-        self.max_positions = max_positions
+        self.max_positions = arch.max_positions
         self.embed_scale = math.sqrt(d_model)
 
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
-        if positions == "learned":
-            self.pos_embed = nn.Embedding(max_positions, d_model)
+        if arch.positions == "learned":
+            self.pos_embed = nn.Embedding(arch.max_positions, d_model)
         else:
             self.pos_embed = None
-            self.register_buffer("pos_table", sinusoidal_table(max_positions, d_model), persistent=False)
-        self.dropout = nn.Dropout(dropout)
+            self.register_buffer("pos_table", sinusoidal_table(arch.max_positions, d_model), persistent=False)
+        self.dropout = nn.Dropout(arch.dropout)
 
-        layer_args = (d_model, n_heads, ffn_dim, dropout, attn_dropout, pre_norm)
-        self.encoder = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(enc_layers))
-        self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(dec_layers))
-        self.enc_norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
-        self.dec_norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
-        self.out_proj = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
+        layer_args = (d_model, arch.n_heads, arch.ffn_dim, arch.dropout, arch.attn_dropout, arch.pre_norm)
+        self.encoder = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(arch.enc_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(arch.dec_layers))
+        self.enc_norm = nn.LayerNorm(d_model) if arch.pre_norm else nn.Identity()
+        self.dec_norm = nn.LayerNorm(d_model) if arch.pre_norm else nn.Identity()
+        self.out_proj = None if arch.tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -337,9 +349,13 @@ class Seq2Seq(nn.Module):
         memory, src_pad_mask = self.encode(src)
         return self.decode(tgt_in, memory, src_pad_mask)
 
-    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
-        """Logits for teacher-forced decoding: (B, S), (B, T) -> (B, T, V)."""
-        return self.project(self.decoder_features(src, tgt_in))
+    def forward(self, src: Tensor, tgt_in: Tensor, features_only: bool = False) -> Tensor:
+        """Logits for teacher-forced decoding: (B, S), (B, T) -> (B, T, V); with
+        ``features_only`` (fairseq's name) the decoder features (B, T, D) instead, as
+        :meth:`decoder_features` gives them, for a criterion that applies :meth:`project`
+        itself (through DistributedDataParallel, which sees only ``forward``)."""
+        features = self.decoder_features(src, tgt_in)  # (B, T, D)
+        return features if features_only else self.project(features)
 
     def new_cache(self) -> Cache:
         """An empty incremental-decoding cache: one dict per decoder layer."""
@@ -369,5 +385,5 @@ class Seq2Seq(nn.Module):
 def build_model(vocab_size: int, pad_id: int, **model_kwargs) -> Seq2Seq:
     """Build a :class:`Seq2Seq` from flat keyword arguments (the fields of ``ModelConfig``:
     d_model, n_heads, ffn_dim, enc_layers, dec_layers, dropout, attn_dropout, pre_norm,
-    positions, tie_embeddings, max_positions)."""
-    return Seq2Seq(vocab_size, pad_id=pad_id, **model_kwargs)
+    positions, tie_embeddings, max_positions), which become its :class:`Architecture`."""
+    return Seq2Seq(vocab_size, Architecture(**model_kwargs), pad_id=pad_id)

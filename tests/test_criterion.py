@@ -22,7 +22,7 @@ from nmt_ls.criterions.compat import (
     LabelSmoothingLoss,
     smooth_one_hot,
 )
-from nmt_ls.criterions.functional import SMOOTHINGS, smoothed_target_entropy
+from nmt_ls.criterions.functional import SMOOTHINGS, LossSpec, smoothed_target_entropy
 
 PREDS = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.1, 0.1, 0.1, 0.1]], dtype=torch.float64)
 TARGET = torch.tensor([2, 3])
@@ -63,18 +63,17 @@ def dense_loss(logits, target, eps, smoothing, pad):
 def test_worked_example_values():
     mean = dict(reduction="mean")
     assert F.cross_entropy(PREDS, TARGET).item() == pytest.approx(1.364415, abs=1e-6)
-    out = label_smoothed_cross_entropy(PREDS, TARGET, 0.0, **mean)
+    out = label_smoothed_cross_entropy(PREDS, TARGET, LossSpec(0.0, **mean))
     assert out.loss.item() == pytest.approx(1.364415, abs=1e-6)
-    assert label_smoothed_cross_entropy(PREDS, TARGET, 0.1, smoothing="uniform", **mean).loss.item() == pytest.approx(
-        1.366915, abs=1e-6
-    )
-    assert label_smoothed_cross_entropy(PREDS, TARGET, 0.1, smoothing="others", **mean).loss.item() == pytest.approx(
-        1.367748, abs=1e-6
-    )
-    padded = label_smoothed_cross_entropy(PREDS, TARGET, 0.1, ignore_index=3, smoothing="others", **mean)
+    uniform = LossSpec(0.1, smoothing="uniform", **mean)
+    assert label_smoothed_cross_entropy(PREDS, TARGET, uniform).loss.item() == pytest.approx(1.366915, abs=1e-6)
+    others = LossSpec(0.1, smoothing="others", **mean)
+    assert label_smoothed_cross_entropy(PREDS, TARGET, others).loss.item() == pytest.approx(1.367748, abs=1e-6)
+    padded = label_smoothed_cross_entropy(PREDS, TARGET, LossSpec(0.1, ignore_index=3, smoothing="others", **mean))
     assert padded.loss.item() == pytest.approx(1.349202, abs=1e-6)
     assert padded.ntokens == 1
-    kl = label_smoothed_cross_entropy(PREDS, TARGET, 0.1, ignore_index=3, smoothing="others_no_pad", **mean).kl
+    no_pad = LossSpec(0.1, ignore_index=3, smoothing="others_no_pad", **mean)
+    kl = label_smoothed_cross_entropy(PREDS, TARGET, no_pad).kl
     assert kl.item() == pytest.approx(0.963138, abs=1e-6)
 
 
@@ -84,7 +83,7 @@ def test_worked_example_by_hand():
     nll = -lp[[0, 1], [2, 3]]
     smooth = -lp.mean(-1)
     expected = ((1 - 0.1) * nll + 0.1 * smooth).mean()
-    got = label_smoothed_cross_entropy(PREDS, TARGET, 0.1, smoothing="uniform", reduction="mean").loss
+    got = label_smoothed_cross_entropy(PREDS, TARGET, LossSpec(0.1, smoothing="uniform", reduction="mean")).loss
     assert got.item() == pytest.approx(expected.item(), abs=1e-12)
 
 
@@ -112,7 +111,7 @@ def random_batch(seed, b=3, t=5, v=11, pad=1, dtype=torch.float64):
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.37])
 def test_matches_dense_oracle(smoothing, eps):
     logits, target = random_batch(0)
-    out = label_smoothed_cross_entropy(logits, target, eps, 1, smoothing, "sum")
+    out = label_smoothed_cross_entropy(logits, target, LossSpec(eps, 1, smoothing, "sum"))
     ce, kl, nll = dense_loss(logits, target, eps, smoothing, 1)
     assert out.loss.item() == pytest.approx(ce.item(), abs=1e-9)
     assert out.kl.item() == pytest.approx(kl.item(), abs=1e-9)
@@ -123,8 +122,8 @@ def test_matches_dense_oracle(smoothing, eps):
 @pytest.mark.parametrize("smoothing", SMOOTHINGS)
 def test_log_probs_input_equals_logits_input(smoothing):
     logits, target = random_batch(1)
-    a = label_smoothed_cross_entropy(logits, target, 0.1, 1, smoothing)
-    b = label_smoothed_cross_entropy(logits.log_softmax(-1), target, 0.1, 1, smoothing, log_probs=True)
+    a = label_smoothed_cross_entropy(logits, target, LossSpec(0.1, 1, smoothing))
+    b = label_smoothed_cross_entropy(logits.log_softmax(-1), target, LossSpec(0.1, 1, smoothing), log_probs=True)
     for x, y in [(a.loss, b.loss), (a.kl, b.kl), (a.nll, b.nll)]:
         assert x.item() == pytest.approx(y.item(), abs=1e-10)
 
@@ -133,7 +132,7 @@ def test_log_probs_input_equals_logits_input(smoothing):
 def test_gradient_is_softmax_minus_q(smoothing):
     logits, target = random_batch(2)
     logits.requires_grad_(True)
-    label_smoothed_cross_entropy(logits, target, 0.2, 1, smoothing).loss.backward()
+    label_smoothed_cross_entropy(logits, target, LossSpec(0.2, 1, smoothing)).loss.backward()
     q = dense_q(target.reshape(-1), 11, 0.2, smoothing, 1).view(logits.shape)
     keep = (target != 1)[..., None]
     expected = (logits.detach().softmax(-1) - q) * keep
@@ -150,7 +149,7 @@ def test_gradcheck_float64(smoothing, log_probs):
     logits.requires_grad_(True)
 
     def f(x):
-        out = label_smoothed_cross_entropy(x, target, 0.15, 1, smoothing, "none", log_probs=log_probs)
+        out = label_smoothed_cross_entropy(x, target, LossSpec(0.15, 1, smoothing, "none"), log_probs=log_probs)
         return out.loss, out.kl, out.nll
 
     assert torch.autograd.gradcheck(f, (logits,))
@@ -160,7 +159,7 @@ def test_gradcheck_float64(smoothing, log_probs):
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 def test_uniform_equals_torch_cross_entropy(eps, reduction):
     logits, target = random_batch(4, dtype=torch.float32)
-    ours = label_smoothed_cross_entropy(logits, target, eps, 1, "uniform", reduction).loss
+    ours = label_smoothed_cross_entropy(logits, target, LossSpec(eps, 1, "uniform", reduction)).loss
     ref = F.cross_entropy(
         logits.view(-1, 11), target.view(-1), ignore_index=1, label_smoothing=eps, reduction=reduction
     )
@@ -172,9 +171,9 @@ def test_eps_zero_is_plain_nll_and_nll_does_not_depend_on_eps():
     ref = F.cross_entropy(logits.view(-1, 11), target.view(-1), ignore_index=1, reduction="sum")
     for smoothing in SMOOTHINGS:
         for eps in (0.0, 0.1, 0.9):
-            out = label_smoothed_cross_entropy(logits, target, eps, 1, smoothing)
+            out = label_smoothed_cross_entropy(logits, target, LossSpec(eps, 1, smoothing))
             assert out.nll.item() == pytest.approx(ref.item(), abs=1e-9)
-        assert label_smoothed_cross_entropy(logits, target, 0.0, 1, smoothing).loss.item() == pytest.approx(
+        assert label_smoothed_cross_entropy(logits, target, LossSpec(0.0, 1, smoothing)).loss.item() == pytest.approx(
             ref.item(), abs=1e-9
         )
 
@@ -189,8 +188,8 @@ def test_padding_invariance(smoothing):
     ta, tb = torch.randint(1, v, (1, 6), generator=g), torch.randint(1, v, (1, 3), generator=g)
     batch = torch.cat([a, torch.cat([b, torch.randn(1, 3, v, generator=g, dtype=torch.float64) * 50], 1)])
     tbatch = torch.cat([ta, torch.cat([tb, torch.full((1, 3), pad)], 1)])
-    both = label_smoothed_cross_entropy(batch, tbatch, 0.1, pad, smoothing)
-    alone = [label_smoothed_cross_entropy(x, t, 0.1, pad, smoothing) for x, t in [(a, ta), (b, tb)]]
+    both = label_smoothed_cross_entropy(batch, tbatch, LossSpec(0.1, pad, smoothing))
+    alone = [label_smoothed_cross_entropy(x, t, LossSpec(0.1, pad, smoothing)) for x, t in [(a, ta), (b, tb)]]
     for field in ("loss", "kl", "nll"):
         total = sum(getattr(o, field) for o in alone)
         assert getattr(both, field).item() == pytest.approx(total.item(), abs=1e-10)
@@ -201,7 +200,7 @@ def test_reductions_agree(smoothing):
     logits, target = random_batch(7)
 
     def get(reduction):
-        return label_smoothed_cross_entropy(logits, target, 0.1, 1, smoothing, reduction)
+        return label_smoothed_cross_entropy(logits, target, LossSpec(0.1, 1, smoothing, reduction))
 
     none, total, mean, sent = get("none"), get("sum"), get("mean"), get("sentence")
     assert none.loss.shape == target.shape and sent.loss.shape == (3,)
@@ -215,15 +214,15 @@ def test_reductions_agree(smoothing):
 
 def test_any_leading_dims_are_bottled():
     logits, target = random_batch(8)
-    flat = label_smoothed_cross_entropy(logits.view(-1, 11), target.view(-1), 0.1, 1)
-    deep = label_smoothed_cross_entropy(logits.view(3, 5, 1, 11), target.view(3, 5, 1), 0.1, 1)
+    flat = label_smoothed_cross_entropy(logits.view(-1, 11), target.view(-1), LossSpec(0.1, 1))
+    deep = label_smoothed_cross_entropy(logits.view(3, 5, 1, 11), target.view(3, 5, 1), LossSpec(0.1, 1))
     assert flat.loss.item() == pytest.approx(deep.loss.item(), abs=1e-12)
 
 
 def test_half_precision_inputs_are_computed_in_float32():
     logits, target = random_batch(9, dtype=torch.float32)
-    ref = label_smoothed_cross_entropy(logits, target, 0.1, 1).loss
-    half = label_smoothed_cross_entropy(logits.bfloat16(), target, 0.1, 1).loss
+    ref = label_smoothed_cross_entropy(logits, target, LossSpec(0.1, 1)).loss
+    half = label_smoothed_cross_entropy(logits.bfloat16(), target, LossSpec(0.1, 1)).loss
     assert half.dtype == torch.float32
     assert half.item() == pytest.approx(ref.item(), rel=2e-2)
 
@@ -233,7 +232,7 @@ def test_all_padding_batch_gives_zero_not_nan():
     target = torch.zeros(2, 3, dtype=torch.long)
     for smoothing in SMOOTHINGS:
         for reduction in ("sum", "mean"):
-            out = label_smoothed_cross_entropy(logits, target, 0.1, 0, smoothing, reduction)
+            out = label_smoothed_cross_entropy(logits, target, LossSpec(0.1, 0, smoothing, reduction))
             assert out.loss.item() == 0.0 and out.kl.item() == 0.0 and out.nll.item() == 0.0
             assert out.ntokens == 0
     out.loss.backward()
@@ -254,24 +253,24 @@ def test_all_padding_batch_gives_zero_not_nan():
 def test_bad_arguments(kwargs, match):
     args = dict(epsilon=0.1, ignore_index=1, smoothing="others", reduction="sum") | kwargs
     with pytest.raises(ValueError, match=match):
-        label_smoothed_cross_entropy(*random_batch(0), **args)
+        label_smoothed_cross_entropy(*random_batch(0), LossSpec(**args))
 
 
 def test_bad_shapes_and_ids():
     logits, target = random_batch(0)
     with pytest.raises(ValueError, match="needs a target of shape"):
-        label_smoothed_cross_entropy(logits, target[:, :-1], 0.1, 1)
+        label_smoothed_cross_entropy(logits, target[:, :-1], LossSpec(0.1, 1))
     bad = target.clone()
     bad[1, 1] = 11
     with pytest.raises(ValueError, match="target id 11 is outside the vocabulary"):
-        label_smoothed_cross_entropy(logits, bad, 0.1, 1)
+        label_smoothed_cross_entropy(logits, bad, LossSpec(0.1, 1))
     bad[1, 1] = -3
     with pytest.raises(ValueError, match="target id -3"):
-        label_smoothed_cross_entropy(logits, bad, 0.1, 1)
+        label_smoothed_cross_entropy(logits, bad, LossSpec(0.1, 1))
     with pytest.raises(ValueError, match="needs at least 3 classes"):
-        label_smoothed_cross_entropy(logits[..., :2], target.clamp(0, 1), 0.1, 1, "others_no_pad")
+        label_smoothed_cross_entropy(logits[..., :2], target.clamp(0, 1), LossSpec(0.1, 1, "others_no_pad"))
     with pytest.raises(ValueError, match="needs at least 2 classes"):
-        label_smoothed_cross_entropy(logits[..., :1], target * 0, 0.1, None, "others")
+        label_smoothed_cross_entropy(logits[..., :1], target * 0, LossSpec(0.1, None, "others"))
 
 
 # ---- fairseq's function ----------------------------------------------------------------------
@@ -398,7 +397,7 @@ def test_sentence_avg_and_ignore_prefix():
     )
     loss, sample_size, log = crit(TinyModel(logits), {"net_input": {}, "target": target, "nsentences": 3})
     assert sample_size == 3
-    ref = label_smoothed_cross_entropy(logits[:, 1:], target[:, 1:], 0.1, 1).loss
+    ref = label_smoothed_cross_entropy(logits[:, 1:], target[:, 1:], LossSpec(0.1, 1)).loss
     assert loss.item() == pytest.approx(ref.item(), abs=1e-12)
 
 

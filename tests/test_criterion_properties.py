@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nmt_ls.criterions import label_smoothed_cross_entropy
-from nmt_ls.criterions.functional import SMOOTHINGS
+from nmt_ls.criterions.functional import SMOOTHINGS, LossSpec
 
 
 @st.composite
@@ -29,7 +29,7 @@ def batches(draw):
 def test_finite_kl_nonnegative_and_gradient_rows_sum_to_zero(case):
     logits, target, pad, eps, smoothing = case
     logits.requires_grad_(True)
-    out = label_smoothed_cross_entropy(logits, target, eps, pad, smoothing, "none")
+    out = label_smoothed_cross_entropy(logits, target, LossSpec(eps, pad, smoothing, "none"))
     for x in (out.loss, out.kl, out.nll):
         assert torch.isfinite(x).all()
     assert (out.kl >= -1e-9).all()
@@ -44,9 +44,9 @@ def test_finite_kl_nonnegative_and_gradient_rows_sum_to_zero(case):
 @given(batches(), st.floats(-1e3, 1e3))
 def test_padding_positions_never_change_the_loss(case, junk):
     logits, target, pad, eps, smoothing = case
-    out = label_smoothed_cross_entropy(logits, target, eps, pad, smoothing)
+    out = label_smoothed_cross_entropy(logits, target, LossSpec(eps, pad, smoothing))
     noisy = logits.clone()
     noisy[target == pad] = junk  # whatever the model says at pad positions
-    out2 = label_smoothed_cross_entropy(noisy, target, eps, pad, smoothing)
+    out2 = label_smoothed_cross_entropy(noisy, target, LossSpec(eps, pad, smoothing))
     assert torch.allclose(out.loss, out2.loss, rtol=1e-12, atol=1e-12)
     assert out.ntokens == out2.ntokens == int((target != pad).sum())

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from nmt_ls.config import EvalConfig
 from nmt_ls.decode import SearchSpec, beam_search, greedy_search
-from nmt_ls.model import Seq2Seq
+from nmt_ls.model import Architecture, Seq2Seq
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 V = 12
@@ -16,7 +16,7 @@ def random_model(seed, **kwargs):
     torch.manual_seed(seed)
     args = dict(d_model=32, n_heads=4, ffn_dim=64, enc_layers=2, dec_layers=2, dropout=0.1, max_positions=64)
     args.update(kwargs)
-    model = Seq2Seq(V, pad_id=PAD, **args).eval()
+    model = Seq2Seq(V, Architecture(**args), pad_id=PAD).eval()
     with torch.no_grad():
         model.output_weight[EOS] *= 3.0  # so that untrained models stop at varied lengths
     return model
@@ -173,17 +173,8 @@ def test_trained_copy_model_copies():
     vocab_size, steps = 20, 300
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    model = Seq2Seq(
-        vocab_size,
-        d_model=32,
-        n_heads=4,
-        ffn_dim=64,
-        enc_layers=2,
-        dec_layers=2,
-        dropout=0.0,
-        pad_id=PAD,
-        max_positions=32,
-    )
+    arch = Architecture(d_model=32, n_heads=4, ffn_dim=64, enc_layers=2, dec_layers=2, dropout=0.0, max_positions=32)
+    model = Seq2Seq(vocab_size, arch, pad_id=PAD)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     for _ in range(steps):

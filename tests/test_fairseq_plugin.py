@@ -29,6 +29,7 @@ from test_criterion import dense_loss, random_batch
 from nmt_ls.criterions.functional import SMOOTHINGS, smoothed_target_entropy
 from nmt_ls.fairseq_plugin import USER_DIR
 from nmt_ls.fairseq_plugin.criterions import (
+    NmtLsLabelSmoothedConfig,
     NmtLsLabelSmoothedCriterion,
     NmtLsLabelSmoothedKLCriterion,
 )
@@ -82,12 +83,25 @@ def run_criterion(criterion, logits, tgt, reduce=True):
 TASK = SimpleNamespace(target_dictionary=Dictionary())
 
 
+def criterion(cls=NmtLsLabelSmoothedCriterion, sentence_avg=False, label_smoothing=0.1, smoothing=None, **fields):
+    """``cls(TASK, cfg)`` with these config fields, as fairseq builds it; ``smoothing`` None
+    leaves the choice to the class's ``default_smoothing``."""
+    fields.update(sentence_avg=sentence_avg, label_smoothing=label_smoothing, smoothing=smoothing)
+    return cls(TASK, NmtLsLabelSmoothedConfig(**fields))
+
+
 @pytest.mark.parametrize(
     "ignore_prefix_size,sentence_avg,fused", [(0, False, False), (1, True, False), (0, False, True), (2, True, True)]
 )
 def test_forward_matches_fairseq_criterion(ignore_prefix_size, sentence_avg, fused):
     logits, tgt = random_batch(0)  # (3, 5, 11), pad 1
-    ours = NmtLsLabelSmoothedCriterion(TASK, sentence_avg, 0.1, "others", ignore_prefix_size, True, fused)
+    ours = criterion(
+        sentence_avg=sentence_avg,
+        smoothing="others",
+        ignore_prefix_size=ignore_prefix_size,
+        report_accuracy=True,
+        fused=fused,
+    )
     ref = LabelSmoothedCrossEntropyCriterion(TASK, sentence_avg, 0.1, ignore_prefix_size, True)
     loss, size, log, grad = run_criterion(ours, logits, tgt)
     ref_loss, ref_size, ref_log, ref_grad = run_criterion(ref, logits, tgt)
@@ -102,7 +116,7 @@ def test_forward_matches_fairseq_criterion(ignore_prefix_size, sentence_avg, fus
 
 def test_unreduced_forward_matches_label_smoothed_nll_loss():
     logits, tgt = random_batch(1)
-    ours = NmtLsLabelSmoothedCriterion(TASK, False, 0.2, "others", ignore_prefix_size=1)
+    ours = criterion(label_smoothing=0.2, smoothing="others", ignore_prefix_size=1)
     loss, _, log, _ = run_criterion(ours, logits, tgt, reduce=False)
     lprobs = logits[:, 1:].float().log_softmax(-1)  # what fairseq's get_normalized_probs gives
     ref_loss, ref_nll = label_smoothed_nll_loss(lprobs, tgt[:, 1:], 0.2, ignore_index=PAD, reduce=False)
@@ -122,7 +136,7 @@ def reduced(criterion_cls, logging_outputs) -> dict:
 
 def test_reduce_metrics_are_fairseqs_base_2_metrics():
     batches = [random_batch(seed) for seed in (2, 3)]
-    ours = NmtLsLabelSmoothedCriterion(TASK, False, 0.1, report_accuracy=True)
+    ours = criterion(report_accuracy=True)
     ref = LabelSmoothedCrossEntropyCriterion(TASK, False, 0.1, report_accuracy=True)
     ours_logs = [run_criterion(ours, *batch)[2] for batch in batches]
     ref_logs = [run_criterion(ref, *batch)[2] for batch in batches]
@@ -143,23 +157,21 @@ def test_reduce_metrics_are_fairseqs_base_2_metrics():
 def test_smoothings_differ_and_kl_is_ce_minus_entropy(kl_smoothing):
     logits, tgt = random_batch(4)  # confident logits (scale 3), V = 11
     ntokens = int(tgt.ne(PAD).sum())
-    losses = {
-        s: run_criterion(NmtLsLabelSmoothedCriterion(TASK, False, 0.1, s), logits, tgt)[0].item() for s in SMOOTHINGS
-    }
+    losses = {s: run_criterion(criterion(smoothing=s), logits, tgt)[0].item() for s in SMOOTHINGS}
     assert all(math.isfinite(v) for v in losses.values())
     values = sorted(losses.values())  # float32 (fairseq's log_softmax): rounding ~1e-7 relative
     assert min(b - a for a, b in itertools.pairwise(values)) > 1e-5 * values[0]
-    kl = run_criterion(NmtLsLabelSmoothedKLCriterion(TASK, False, 0.1, kl_smoothing), logits, tgt)[0].item()
+    kl = run_criterion(criterion(NmtLsLabelSmoothedKLCriterion, smoothing=kl_smoothing), logits, tgt)[0].item()
     entropy = smoothed_target_entropy(0.1, 11, kl_smoothing)  # nats per token, closed form
     assert kl == pytest.approx(losses[kl_smoothing] - ntokens * entropy, rel=1e-6)
 
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match=r"--label-smoothing must be in \[0, 1\), got 1.0"):
-        NmtLsLabelSmoothedCriterion(TASK, False, 1.0)
+        criterion(label_smoothing=1.0)
     with pytest.raises(ValueError, match="--smoothing must be one of"):
-        NmtLsLabelSmoothedCriterion(TASK, False, 0.1, "gaussian")
-    fused = NmtLsLabelSmoothedCriterion(TASK, False, 0.1, fused=True)
+        criterion(smoothing="gaussian")
+    fused = criterion(fused=True)
     model = LogitsModel(random_batch(0)[0])
     model.decoder.adaptive_softmax = torch.nn.Identity()
     with pytest.raises(ValueError, match="--fused needs plain logits"):
@@ -269,8 +281,8 @@ def test_fused_forward_equals_get_normalized_probs_path(data_bin, transformer_ba
 def test_kl_criterion_defaults_to_others_no_pad(data_bin):
     assert fairseq_setup(data_bin, "--criterion", "nmt_ls_label_smoothed_kl")[1].smoothing == "others_no_pad"
     assert fairseq_setup(data_bin, "--criterion", "nmt_ls_label_smoothed")[1].smoothing == "others"
-    assert NmtLsLabelSmoothedKLCriterion(TASK, False, 0.1).smoothing == "others_no_pad"
-    assert NmtLsLabelSmoothedCriterion(TASK, False, 0.1).smoothing == "others"
+    assert criterion(NmtLsLabelSmoothedKLCriterion).smoothing == "others_no_pad"
+    assert criterion().smoothing == "others"
 
 
 # ---- two fairseq-train runs -----------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from test_criterion import dense_q, random_batch
 
-from nmt_ls.criterions.functional import REDUCTIONS, SMOOTHINGS, label_smoothed_cross_entropy
+from nmt_ls.criterions.functional import REDUCTIONS, SMOOTHINGS, LossSpec, label_smoothed_cross_entropy
 from nmt_ls.criterions.fused import chunked_linear_cross_entropy, fused_label_smoothed_cross_entropy
 
 PAD = 1
@@ -37,7 +37,7 @@ def assert_all_close(got, want, atol, rtol=1e-5):
 def test_fused_matches_reference(smoothing, reduction, eps):
     logits, target = random_batch(20, dtype=torch.float32)
     logits.requires_grad_()
-    args = (target, eps, PAD, smoothing, reduction)
+    args = (target, LossSpec(eps, PAD, smoothing, reduction))
     want, n_want = outputs_and_grads(label_smoothed_cross_entropy, [logits], *args)
     for chunk_size in (None, 1, 4):  # one chunk, one row per chunk, a ragged last chunk
         got, n_got = outputs_and_grads(
@@ -52,7 +52,7 @@ def test_uniform_equals_torch_cross_entropy(reduction):
     logits, target = random_batch(28, dtype=torch.float32)
     flat, tgt = logits.view(-1, 11).requires_grad_(), target.view(-1)
     ref = F.cross_entropy(flat, tgt, ignore_index=PAD, label_smoothing=0.1, reduction=reduction)
-    ours = fused_label_smoothed_cross_entropy(flat, tgt, 0.1, PAD, "uniform", reduction).loss
+    ours = fused_label_smoothed_cross_entropy(flat, tgt, LossSpec(0.1, PAD, "uniform", reduction)).loss
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-6)
     want = torch.autograd.grad(ref.sum(), flat)[0]
     torch.testing.assert_close(torch.autograd.grad(ours.sum(), flat)[0], want, atol=1e-6, rtol=1e-5)
@@ -62,8 +62,8 @@ def test_fused_non_contiguous_logits():
     logits, target = random_batch(29)
     strided = logits.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # (3, 5, 11)
     assert not strided.is_contiguous()
-    want, _ = outputs_and_grads(label_smoothed_cross_entropy, [strided], target, 0.1, PAD)
-    got, _ = outputs_and_grads(fused_label_smoothed_cross_entropy, [strided], target, 0.1, PAD)
+    want, _ = outputs_and_grads(label_smoothed_cross_entropy, [strided], target, LossSpec(0.1, PAD))
+    got, _ = outputs_and_grads(fused_label_smoothed_cross_entropy, [strided], target, LossSpec(0.1, PAD))
     assert_all_close(got, want, atol=1e-10)
 
 
@@ -71,7 +71,7 @@ def test_fused_gradient_is_softmax_minus_q_and_zero_on_pad_rows():
     logits, target = random_batch(21)
     logits.requires_grad_()
     for smoothing in SMOOTHINGS:
-        out = fused_label_smoothed_cross_entropy(logits, target, 0.2, PAD, smoothing)
+        out = fused_label_smoothed_cross_entropy(logits, target, LossSpec(0.2, PAD, smoothing))
         (grad,) = torch.autograd.grad(out.loss, logits)
         q = dense_q(target.reshape(-1), 11, 0.2, smoothing, PAD).view_as(logits)
         keep = (target != PAD)[..., None]
@@ -86,8 +86,8 @@ def test_fused_gradcheck_float64(smoothing):
     logits.requires_grad_()
 
     def fn(x):
-        per_token = fused_label_smoothed_cross_entropy(x, target, 0.3, PAD, smoothing, "none", 2)
-        summed = fused_label_smoothed_cross_entropy(x, target, 0.3, PAD, smoothing, "sum", 2)
+        per_token = fused_label_smoothed_cross_entropy(x, target, LossSpec(0.3, PAD, smoothing, "none"), 2)
+        summed = fused_label_smoothed_cross_entropy(x, target, LossSpec(0.3, PAD, smoothing, "sum"), 2)
         return per_token.loss, summed.kl, summed.nll
 
     assert torch.autograd.gradcheck(fn, (logits,))
@@ -99,7 +99,7 @@ def test_fused_gold_probability_underflow():
     logits[0, 0, target[0, 0]] = -200.0  # p_gold ~ e^-200: 0 in float32
     logits[1, 2, target[1, 2]] = -90.0  # denormal
     logits.requires_grad_()
-    args = (target, 0.1, PAD, "others_no_pad", "none")
+    args = (target, LossSpec(0.1, PAD, "others_no_pad", "none"))
     want, _ = outputs_and_grads(label_smoothed_cross_entropy, [logits], *args)
     got, _ = outputs_and_grads(fused_label_smoothed_cross_entropy, [logits], *args)
     assert_all_close(got, want, atol=1e-5)
@@ -108,9 +108,9 @@ def test_fused_gold_probability_underflow():
 def test_fused_without_grad_matches_reference():
     """Validation path: no softmax buffer is kept, chunks go through a scratch."""
     logits, target = random_batch(27, dtype=torch.float32)
-    want = label_smoothed_cross_entropy(logits, target, 0.1, PAD, "others_no_pad", "none")
+    want = label_smoothed_cross_entropy(logits, target, LossSpec(0.1, PAD, "others_no_pad", "none"))
     with torch.no_grad():
-        got = fused_label_smoothed_cross_entropy(logits, target, 0.1, PAD, "others_no_pad", "none", 4)
+        got = fused_label_smoothed_cross_entropy(logits, target, LossSpec(0.1, PAD, "others_no_pad", "none"), 4)
     for f in FIELDS:
         torch.testing.assert_close(getattr(got, f), getattr(want, f), atol=1e-5, rtol=1e-5)
     assert not got.loss.requires_grad
@@ -119,7 +119,7 @@ def test_fused_without_grad_matches_reference():
 def test_fused_second_backward_recomputes():
     logits, target = random_batch(23)
     logits.requires_grad_()
-    out = fused_label_smoothed_cross_entropy(logits, target, 0.1, PAD)
+    out = fused_label_smoothed_cross_entropy(logits, target, LossSpec(0.1, PAD))
     first = torch.autograd.grad(out.loss, logits, retain_graph=True)[0].clone()
     second = torch.autograd.grad(out.loss, logits)[0]
     torch.testing.assert_close(first, second, atol=1e-12, rtol=0)
@@ -134,7 +134,7 @@ def test_fused_huge_page_buffer_matches_reference(monkeypatch):
     logits = torch.randn(256, 8192, generator=g) * 3  # 8 MiB of float32
     target = torch.randint(0, 8192, (256,), generator=g)
     target[::7] = PAD
-    args = (target, 0.1, PAD, "others", "sum")
+    args = (target, LossSpec(0.1, PAD, "others", "sum"))
     want = outputs_and_grads(label_smoothed_cross_entropy, [logits.clone().requires_grad_()], *args)[0]
     got = outputs_and_grads(fused_label_smoothed_cross_entropy, [logits.clone().requires_grad_()], *args)[0]
     assert_all_close(got, want, atol=1e-5)
@@ -150,7 +150,7 @@ def test_fused_all_padding_batch_gives_zero_not_nan():
     target = torch.full((2, 3), PAD)
     for smoothing in SMOOTHINGS:
         for reduction in REDUCTIONS:
-            out = fused_label_smoothed_cross_entropy(logits, target, 0.1, PAD, smoothing, reduction)
+            out = fused_label_smoothed_cross_entropy(logits, target, LossSpec(0.1, PAD, smoothing, reduction))
             assert out.ntokens == 0
             for f in FIELDS:
                 assert (getattr(out, f) == 0).all()
@@ -161,8 +161,8 @@ def test_fused_all_padding_batch_gives_zero_not_nan():
 def test_fused_ignore_index_outside_vocab():
     logits, target = random_batch(24)
     outside = target.masked_fill(target == PAD, -100)
-    got = fused_label_smoothed_cross_entropy(logits, outside, 0.1, -100, "others")
-    want = label_smoothed_cross_entropy(logits, target, 0.1, PAD, "others")
+    got = fused_label_smoothed_cross_entropy(logits, outside, LossSpec(0.1, -100, "others"))
+    want = label_smoothed_cross_entropy(logits, target, LossSpec(0.1, PAD, "others"))
     assert got.loss.item() == pytest.approx(want.loss.item(), abs=1e-10)
 
 
@@ -170,9 +170,9 @@ def test_fused_ignore_index_outside_vocab():
 def test_fused_half_precision(dtype):
     logits, target = random_batch(25, dtype=torch.float32)
     half = logits.to(dtype).requires_grad_()
-    got, _ = outputs_and_grads(fused_label_smoothed_cross_entropy, [half], target, 0.1, PAD)
+    got, _ = outputs_and_grads(fused_label_smoothed_cross_entropy, [half], target, LossSpec(0.1, PAD))
     ref_input = half.detach().float().requires_grad_()  # same rounded values, float32 math
-    want, _ = outputs_and_grads(label_smoothed_cross_entropy, [ref_input], target, 0.1, PAD)
+    want, _ = outputs_and_grads(label_smoothed_cross_entropy, [ref_input], target, LossSpec(0.1, PAD))
     assert got[0].dtype == torch.float32 and got[-1].dtype == dtype
     assert_all_close(got[:3], want[:3], atol=1e-4)
     # the float32 gradient rounded once: at most one unit in the last place away
@@ -192,7 +192,7 @@ def test_fused_gold_gradient_of_a_confident_row(dtype):
     target = torch.tensor([3, k - 1])
     logits[0, 3] = logits[1, k - 1] = big
     logits.requires_grad_()
-    (grad,) = torch.autograd.grad(fused_label_smoothed_cross_entropy(logits, target, 0.0).loss, logits)
+    (grad,) = torch.autograd.grad(fused_label_smoothed_cross_entropy(logits, target, LossSpec(0.0)).loss, logits)
     denom = torch.tensor(big, dtype=torch.float64).exp() + (k - 1)
     exact = torch.full((2, k), 1 / denom.item(), dtype=torch.float64)  # p of the others
     exact[[0, 1], target] = -(k - 1) / denom  # p_gold - 1
@@ -249,7 +249,7 @@ def test_fused_gradient_at_least_as_accurate_as_reference(dtype, smoothing, eps)
     the whole batch and per row. (bfloat16 used to err 1.6x as much, float32 3x.)"""
     logits, target = confident_batch()
     x = logits.to(dtype)
-    args = (target, eps, PAD, smoothing)
+    args = (target, LossSpec(eps, PAD, smoothing))
     fused = outputs_and_grads(fused_label_smoothed_cross_entropy, [x.clone().requires_grad_()], *args)[0][-1]
     ref = outputs_and_grads(label_smoothed_cross_entropy, [x.clone().requires_grad_()], *args)[0][-1]
     assert fused.dtype == dtype
@@ -279,7 +279,7 @@ def unfused(hidden, weight, bias, *args):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_chunked_linear_matches_unfused(smoothing, reduction):
     hidden, weight, bias, target = linear_batch(30, torch.float32)
-    args = (target, 0.1, PAD, smoothing, reduction)
+    args = (target, LossSpec(0.1, PAD, smoothing, reduction))
     for b in (bias, None):
         leaves = [hidden, weight] + ([b] if b is not None else [])
         want, _ = outputs_and_grads(lambda h, w, *bb: unfused(h, w, b, *args), leaves)
@@ -294,30 +294,30 @@ def test_chunked_linear_gradcheck_float64():
     hidden, weight, bias = hidden[:1, :3].detach().requires_grad_(), weight, bias
     for smoothing in SMOOTHINGS:
         fn = lambda h, w, b: (
-            chunked_linear_cross_entropy(h, w, target[:1, :3], 0.3, PAD, smoothing, "none", bias=b, chunk_size=2).loss
+            chunked_linear_cross_entropy(h, w, target[:1, :3], LossSpec(0.3, PAD, smoothing, "none"), b, 2).loss
         )
         assert torch.autograd.gradcheck(fn, (hidden, weight, bias), fast_mode=True)
 
 
 def test_chunked_linear_all_padding_and_frozen_weight():
     hidden, weight, _, target = linear_batch(32)
-    out = chunked_linear_cross_entropy(hidden, weight, torch.full_like(target, PAD), 0.1, PAD)
+    out = chunked_linear_cross_entropy(hidden, weight, torch.full_like(target, PAD), LossSpec(0.1, PAD))
     assert out.loss.item() == 0.0 and out.ntokens == 0
     gh, gw = torch.autograd.grad(out.loss, (hidden, weight))
     assert (gh == 0).all() and (gw == 0).all()
     frozen = weight.detach()
-    out = chunked_linear_cross_entropy(hidden, frozen, target, 0.1, PAD)
+    out = chunked_linear_cross_entropy(hidden, frozen, target, LossSpec(0.1, PAD))
     (gh,) = torch.autograd.grad(out.loss, hidden)
-    (want,) = torch.autograd.grad(unfused(hidden, frozen, None, target, 0.1, PAD).loss, hidden)
+    (want,) = torch.autograd.grad(unfused(hidden, frozen, None, target, LossSpec(0.1, PAD)).loss, hidden)
     torch.testing.assert_close(gh, want, atol=1e-10, rtol=0)
 
 
 def test_chunked_linear_bfloat16():
     hidden, weight, _, target = linear_batch(33, torch.float32)
     h16, w16 = (t.detach().bfloat16().requires_grad_() for t in (hidden, weight))
-    got, _ = outputs_and_grads(lambda h, w: chunked_linear_cross_entropy(h, w, target, 0.1, PAD), [h16, w16])
+    got, _ = outputs_and_grads(lambda h, w: chunked_linear_cross_entropy(h, w, target, LossSpec(0.1, PAD)), [h16, w16])
     h32, w32 = (t.detach().float().requires_grad_() for t in (h16, w16))
-    want, _ = outputs_and_grads(lambda h, w: unfused(h, w, None, target, 0.1, PAD), [h32, w32])
+    want, _ = outputs_and_grads(lambda h, w: unfused(h, w, None, target, LossSpec(0.1, PAD)), [h32, w32])
     assert got[-1].dtype == torch.bfloat16 and got[-2].dtype == torch.bfloat16
     assert_all_close(got[:3], want[:3], atol=1e-4)
     for g, w in zip(got[3:], want[3:]):
@@ -327,4 +327,4 @@ def test_chunked_linear_bfloat16():
 def test_chunked_linear_bad_weight_shape():
     hidden, weight, _, target = linear_batch(34)
     with pytest.raises(ValueError, match="weight must have shape"):
-        chunked_linear_cross_entropy(hidden, weight.t(), target, 0.1, PAD)
+        chunked_linear_cross_entropy(hidden, weight.t(), target, LossSpec(0.1, PAD))

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nmt_ls.model import Seq2Seq, build_model
+from nmt_ls.model import Architecture, Seq2Seq, build_model
 
 PAD, BOS, EOS = 0, 2, 3
 V = 50
@@ -12,7 +12,7 @@ def small_model(seed=0, **kwargs):
     torch.manual_seed(seed)
     args = dict(d_model=32, n_heads=4, ffn_dim=64, enc_layers=2, dec_layers=2, dropout=0.1, max_positions=64)
     args.update(kwargs)
-    return Seq2Seq(V, pad_id=PAD, **args).eval()
+    return Seq2Seq(V, Architecture(**args), pad_id=PAD).eval()
 
 
 def random_ids(*shape, generator=None):
@@ -53,6 +53,15 @@ def test_forward_is_project_of_decoder_features(kwargs):
     features = model.decoder_features(src, tgt_in)
     assert torch.equal(model(src, tgt_in), model.project(features))
     assert torch.allclose(model.project(features), features @ model.output_weight.T, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", VARIANTS)
+def test_features_only_gives_decoder_features(kwargs):
+    model = small_model(**kwargs)
+    src, tgt_in = random_ids(2, 6), random_ids(2, 4)
+    features = model(src, tgt_in, features_only=True)  # (B, T, D)
+    assert torch.equal(features, model.decoder_features(src, tgt_in))
+    assert torch.equal(model(src, tgt_in, features_only=False), model.project(features))
 
 
 def test_tied_output_weight_is_embedding():

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmt_ls.criterions import label_smoothed_cross_entropy, label_smoothed_nll_loss
+from nmt_ls.criterions.functional import LossSpec
 from nmt_ls.criterions.fused import chunked_linear_cross_entropy, fused_label_smoothed_cross_entropy
 
 LOGIT_CASES = ("a", "b", "c", "d", "e")
@@ -68,12 +69,13 @@ BASELINE = {"b": "a", "c": "a", "d": "a", "e": "a", "f": "a+proj"}
 def step(case: str, inputs: dict, args) -> None:
     """One forward + backward of ``case``; leaves the gradients in the inputs' ``.grad``."""
     eps, pad, tgt = args.eps, args.pad, inputs["tgt"]
+    spec = LossSpec(eps, pad, args.smoothing)
     if case in LINEAR_CASES:
         h, w = inputs["hidden"], inputs["weight"]
         if case == "a+proj":
             loss = F.cross_entropy(h @ w.t(), tgt, label_smoothing=eps, ignore_index=pad, reduction="sum")
         else:
-            loss = chunked_linear_cross_entropy(h, w, tgt, eps, pad, args.smoothing).loss
+            loss = chunked_linear_cross_entropy(h, w, tgt, spec).loss
         loss.backward()
         return
     x = inputs["logits"]  # (N, V)
@@ -89,10 +91,10 @@ def step(case: str, inputs: dict, args) -> None:
         q.masked_fill_(tgt.eq(pad)[:, None], 0.0)
         loss = nn.KLDivLoss(reduction="sum")(lprobs, q)
     elif case == "d":
-        loss = label_smoothed_cross_entropy(x, tgt, eps, pad, args.smoothing).loss
+        loss = label_smoothed_cross_entropy(x, tgt, spec).loss
     else:
         chunk = args.fused_chunk or None
-        loss = fused_label_smoothed_cross_entropy(x, tgt, eps, pad, args.smoothing, chunk_size=chunk).loss
+        loss = fused_label_smoothed_cross_entropy(x, tgt, spec, chunk_size=chunk).loss
     loss.backward()
 
 

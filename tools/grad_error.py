@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from nmt_ls.criterions import label_smoothed_cross_entropy
+from nmt_ls.criterions.functional import LossSpec
 from nmt_ls.criterions.fused import fused_label_smoothed_cross_entropy
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -65,7 +66,7 @@ def exact_grad(logits: np.ndarray, target: np.ndarray, args) -> np.ndarray:
 def grad_of(fn, x: torch.Tensor, target: torch.Tensor, args) -> np.ndarray:
     """The gradient of ``fn``'s summed loss w.r.t. the logits ``x``, as float64 numpy."""
     leaf = x.clone().requires_grad_()
-    fn(leaf, target, args.eps, args.pad, args.smoothing, "sum").loss.backward()
+    fn(leaf, target, LossSpec(args.eps, args.pad, args.smoothing, "sum")).loss.backward()
     return leaf.grad.double().numpy()
 
 

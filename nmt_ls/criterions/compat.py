@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from nmt_ls.criterions.functional import label_smoothed_cross_entropy
+from nmt_ls.criterions.functional import LossSpec, label_smoothed_cross_entropy
 
 
 class LabelSmoothingCrossEntropy(nn.Module):
@@ -35,7 +35,8 @@ class LabelSmoothingCrossEntropy(nn.Module):
         self.eps, self.reduction, self.ignore_index = eps, reduction, ignore_index
 
     def forward(self, output: Tensor, target: Tensor) -> Tensor:
-        return label_smoothed_cross_entropy(output, target, self.eps, self.ignore_index, "uniform", self.reduction).loss
+        spec = LossSpec(self.eps, self.ignore_index, "uniform", self.reduction)
+        return label_smoothed_cross_entropy(output, target, spec).loss
 
 
 class LabelSmoothingLoss(nn.Module):
@@ -56,7 +57,8 @@ class LabelSmoothingLoss(nn.Module):
         pred = pred.movedim(self.dim, -1)
         if pred.size(-1) != self.classes:
             raise ValueError(f"pred has {pred.size(-1)} classes along dim {self.dim}, expected {self.classes}")
-        return label_smoothed_cross_entropy(pred, target, self.smoothing, self.ignore_index, "others", "mean").loss
+        spec = LossSpec(self.smoothing, self.ignore_index, "others", "mean")
+        return label_smoothed_cross_entropy(pred, target, spec).loss
 
 
 class LabelSmoothingKLDivLoss(nn.Module):
@@ -76,9 +78,8 @@ class LabelSmoothingKLDivLoss(nn.Module):
     def forward(self, x: Tensor, target: Tensor) -> Tensor:
         if x.size(-1) != self.size:
             raise ValueError(f"x has {x.size(-1)} classes, expected size={self.size}")
-        return label_smoothed_cross_entropy(
-            x, target, self.smoothing, self.padding_idx, "others_no_pad", "sum", log_probs=True
-        ).kl
+        spec = LossSpec(self.smoothing, self.padding_idx, "others_no_pad", "sum")
+        return label_smoothed_cross_entropy(x, target, spec, log_probs=True).kl
 
 
 LabelSmoothing = LabelSmoothingKLDivLoss  # the Annotated Transformer's name

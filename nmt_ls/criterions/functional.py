@@ -51,6 +51,36 @@ class LossOutput:
     ntokens: int
 
 
+@dataclass(frozen=True)
+class LossSpec:
+    """Which label-smoothed loss to compute, apart from its inputs.
+
+    Args:
+        epsilon (float): smoothing mass in [0, 1). Default: 0.1
+        ignore_index (int, optional): padding id; its positions add nothing to any term and
+            get no gradient. Default: None
+        smoothing (str): ``uniform``, ``others`` or ``others_no_pad`` (see the module doc).
+            Default: ``others``
+        reduction (str): ``none`` | ``sum`` | ``mean`` (over non-pad tokens) | ``sentence``
+            (sum over the last target dim). Default: ``sum``
+
+    A spec is only a record: the loss functions check its values where they use them
+    (``others_no_pad`` also needs the number of classes). Example:
+    ``label_smoothed_cross_entropy(logits, tgt, LossSpec(0.1, pad_id, "others", "sum"))``.
+    """
+
+    epsilon: float = 0.1
+    ignore_index: int | None = None
+    smoothing: str = "others"
+    reduction: str = "sum"
+
+    @property
+    def pad_column(self) -> int | None:
+        """The class whose log-probability the loss needs besides the gold one: the pad id
+        under ``others_no_pad``, else None."""
+        return self.ignore_index if self.smoothing == "others_no_pad" else None
+
+
 def check_smoothing(label_smoothing: float, smoothing: str, names=("label_smoothing", "smoothing")) -> str:
     """``smoothing`` if it and the mass ``label_smoothing`` are valid, else a ValueError that
     calls them by ``names`` (e.g. the command line's ``--label-smoothing``)."""
@@ -79,8 +109,9 @@ def smoothed_target_entropy(epsilon: float, num_classes: int, smoothing: str) ->
     return -(_xlogx(1 - eps) + n_others * _xlogx(eps / n_others))
 
 
-def check_args(num_classes: int, epsilon: float, smoothing: str, ignore_index: int | None) -> None:
+def check_args(num_classes: int, spec: LossSpec) -> None:
     """Raise ValueError naming the argument that makes the smoothing ill-defined."""
+    epsilon, smoothing, ignore_index = spec.epsilon, spec.smoothing, spec.ignore_index
     if not 0.0 <= epsilon < 1.0:
         raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
     if smoothing not in SMOOTHINGS:
@@ -104,21 +135,14 @@ def check_target(target: Tensor, num_classes: int, keep: Tensor) -> None:
 
 
 def token_terms(
-    input: Tensor,
-    target: Tensor,
-    epsilon: float,
-    ignore_index: int | None = None,
-    smoothing: str = "others",
-    log_probs: bool = False,
+    input: Tensor, target: Tensor, spec: LossSpec, log_probs: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token smoothed loss and NLL, zero at ignored positions.
 
     Args:
         input (Tensor): logits (or log-probabilities if ``log_probs``), shape (..., K).
         target (Tensor): gold ids, shape (...).
-        epsilon (float): smoothing mass in [0, 1).
-        ignore_index (int, optional): target id whose positions are masked out.
-        smoothing (str): one of ``uniform``, ``others``, ``others_no_pad``.
+        spec (LossSpec): epsilon, ignore_index and smoothing (its reduction is not used here).
         log_probs (bool): ``input`` already holds log-probabilities.
     Returns:
         (loss, nll, keep): three tensors of shape (N,), N = target.numel(); ``keep`` is the
@@ -130,7 +154,8 @@ def token_terms(
             f"{tuple(input.shape[:-1])}, got {tuple(target.shape)}"
         )
     k = input.size(-1)
-    check_args(k, epsilon, smoothing, ignore_index)
+    check_args(k, spec)
+    epsilon, ignore_index = spec.epsilon, spec.ignore_index
     x = _bottle(input)  # (N, K)
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
@@ -141,17 +166,18 @@ def token_terms(
     lse = x.logsumexp(-1) if not log_probs else x.new_zeros(x.size(0))  # (N,)
     lp_gold = x.gather(-1, safe_tgt[:, None]).squeeze(-1) - lse
     sum_lp = x.sum(-1) - k * lse if epsilon > 0 else None
-    lp_pad = x[:, ignore_index] - lse if epsilon > 0 and smoothing == "others_no_pad" else None
-    loss, nll = terms_from_row_stats(lp_gold, sum_lp, lp_pad, keep, k, epsilon, smoothing)
+    lp_pad = x[:, ignore_index] - lse if epsilon > 0 and spec.smoothing == "others_no_pad" else None
+    loss, nll = terms_from_row_stats(lp_gold, sum_lp, lp_pad, keep, k, spec)
     return loss, nll, keep
 
 
 def terms_from_row_stats(
-    lp_gold: Tensor, sum_lp: Tensor | None, lp_pad: Tensor | None, keep: Tensor, k: int, epsilon: float, smoothing: str
+    lp_gold: Tensor, sum_lp: Tensor | None, lp_pad: Tensor | None, keep: Tensor, k: int, spec: LossSpec
 ) -> tuple[Tensor, Tensor]:
     """Per-token (loss, nll), zero where ``keep`` is False, from three numbers per row: the
     gold log-prob, the sum of all log-probs and the pad log-prob (the last two unused when
-    ``epsilon`` is 0, the pad one unless ``others_no_pad``). All tensors have shape (N,)."""
+    ``spec.epsilon`` is 0, the pad one unless ``others_no_pad``). All tensors have shape (N,)."""
+    epsilon, smoothing = spec.epsilon, spec.smoothing
     nll = -lp_gold
     if epsilon == 0.0:
         loss = nll
@@ -165,13 +191,13 @@ def terms_from_row_stats(
     return torch.where(keep, loss, zero), torch.where(keep, nll, zero)
 
 
-def loss_output(
-    loss: Tensor, nll: Tensor, keep: Tensor, k: int, epsilon: float, smoothing: str, reduction: str, shape: torch.Size
-) -> LossOutput:
-    """Add the KL form (``loss - H(q)`` on kept tokens) and reduce all three terms."""
+def loss_output(loss: Tensor, nll: Tensor, keep: Tensor, k: int, spec: LossSpec, shape: torch.Size) -> LossOutput:
+    """Add the KL form (``loss - H(q)`` on kept tokens) and reduce all three terms with
+    ``spec.reduction``; ``shape`` is the target's."""
     ntokens = int(keep.sum())
-    h = smoothed_target_entropy(epsilon, k, smoothing) if epsilon > 0 else 0.0
+    h = smoothed_target_entropy(spec.epsilon, k, spec.smoothing) if spec.epsilon > 0 else 0.0
     kl = loss - h * keep.to(loss.dtype)
+    reduction = spec.reduction
     return LossOutput(
         loss=reduce_terms(loss, reduction, shape, ntokens),
         kl=reduce_terms(kl, reduction, shape, ntokens),
@@ -196,27 +222,16 @@ def reduce_terms(terms: Tensor, reduction: str, target_shape: torch.Size, ntoken
 
 
 def label_smoothed_cross_entropy(
-    input: Tensor,
-    target: Tensor,
-    epsilon: float = 0.1,
-    ignore_index: int | None = None,
-    smoothing: str = "others",
-    reduction: str = "sum",
-    log_probs: bool = False,
+    input: Tensor, target: Tensor, spec: LossSpec | None = None, log_probs: bool = False
 ) -> LossOutput:
     """Label-smoothed cross-entropy, its KL form and the plain NLL.
 
     Args:
         input (Tensor): logits, or log-probabilities if ``log_probs``; shape (..., K), e.g.
             decoder outputs (B, T, V).
-        target (Tensor): gold ids, shape (...); values in [0, K) except ``ignore_index``.
-        epsilon (float): smoothing mass in [0, 1). Default: 0.1
-        ignore_index (int, optional): padding id; its positions add nothing to any term and
-            get no gradient. Default: None
-        smoothing (str): ``uniform``, ``others`` or ``others_no_pad`` (see the module doc).
-            Default: ``others``
-        reduction (str): ``none`` | ``sum`` | ``mean`` (over non-pad tokens) | ``sentence``
-            (sum over the last target dim). Default: ``sum``
+        target (Tensor): gold ids, shape (...); values in [0, K) except ``spec.ignore_index``.
+        spec (LossSpec, optional): epsilon, ignore_index, smoothing and reduction. Default:
+            ``LossSpec()``: epsilon 0.1, no ignore_index, ``others``, ``sum``
         log_probs (bool): ``input`` holds log-probabilities already. Default: False
     Returns:
         LossOutput(loss, kl, nll, ntokens).
@@ -224,13 +239,14 @@ def label_smoothed_cross_entropy(
     Example::
 
         >>> logits = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.1, 0.1, 0.1, 0.1]])
-        >>> out = label_smoothed_cross_entropy(logits, torch.tensor([2, 3]), 0.1,
-        ...                                    smoothing="uniform", reduction="mean")
+        >>> spec = LossSpec(0.1, smoothing="uniform", reduction="mean")
+        >>> out = label_smoothed_cross_entropy(logits, torch.tensor([2, 3]), spec)
         >>> round(out.loss.item(), 6)   # == F.cross_entropy(..., label_smoothing=0.1)
         1.366915
     """
-    loss, nll, keep = token_terms(input, target, epsilon, ignore_index, smoothing, log_probs)
-    return loss_output(loss, nll, keep, input.size(-1), epsilon, smoothing, reduction, target.shape)
+    spec = LossSpec() if spec is None else spec
+    loss, nll, keep = token_terms(input, target, spec, log_probs)
+    return loss_output(loss, nll, keep, input.size(-1), spec, target.shape)
 
 
 def label_smoothed_nll_loss(
@@ -252,7 +268,7 @@ def label_smoothed_nll_loss(
         target = target.unsqueeze(-1)
     if target.shape[-1] != 1:
         raise ValueError(f"target must have shape (...) or (..., 1), got {tuple(target.shape)}")
-    loss, nll, _ = token_terms(lprobs, target.squeeze(-1), epsilon, ignore_index, "others", log_probs=True)
+    loss, nll, _ = token_terms(lprobs, target.squeeze(-1), LossSpec(epsilon, ignore_index), log_probs=True)
     if reduce:
         return loss.sum(), nll.sum()
     shape = target.shape if ignore_index is not None else target.shape[:-1]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -45,6 +46,7 @@ from torch.autograd.function import once_differentiable
 from nmt_ls.criterions.functional import (
     REDUCTIONS,
     LossOutput,
+    LossSpec,
     check_args,
     check_target,
     loss_output,
@@ -57,6 +59,18 @@ LINEAR_CHUNK_BYTES = 32 << 20  # float32 logits per chunk in the chunked output 
 
 HUGE_PAGE = 2 << 20  # bytes; Linux transparent huge pages on x86-64 and most arm64
 MADV_HUGEPAGE = 14  # Linux only
+
+
+@dataclass(frozen=True)
+class _Walk:
+    """How an autograd function below walks the rows: ``pad`` is the class whose statistic it
+    keeps (None: none, lp_pad stays 0), ``rows`` and ``back_rows`` the rows per chunk in
+    forward and in backward, ``keep_probs`` whether forward leaves the softmax for backward."""
+
+    pad: int | None
+    rows: int
+    back_rows: int
+    keep_probs: bool = False
 
 
 @functools.cache
@@ -159,15 +173,17 @@ def _scale_probs_(p: Tensor, tgt: Tensor, pad: int | None, c: Tensor, g_sum: Ten
     return p_gold, rest, p_pad
 
 
-def _set_gold_and_pad_(grad: Tensor, tgt: Tensor, pad: int | None, c: Tensor, grads, p_gold, rest, p_pad) -> None:
-    """Write the gold and pad columns of ``grad`` (C, V), each once, from the (C,) tensors of
-    :func:`_scale_probs_` (computed in float32 or float64 and rounded into ``grad``'s dtype).
+def _set_gold_and_pad_(grad: Tensor, tgt: Tensor, pad: int | None, c: Tensor, grads, cols) -> None:
+    """Write the gold and pad columns of ``grad`` (C, V), each once, from ``cols``, the (C,)
+    tensors (p_gold, rest, p_pad) of :func:`_scale_probs_` (computed in float32 or float64 and
+    rounded into ``grad``'s dtype).
 
     The gold one is ``g_sum + g_gold + c * p_gold``, or where p_gold > 1/2 the same value
     ``(1 - V) g_sum - g_pad - c * rest``, in which ``c * p_gold`` no longer cancels against
     ``-c``; the pad one is ``(g_sum + g_pad) + c * p_pad``.
     """
     g_sum, g_gold, g_pad = grads
+    p_gold, rest, p_pad = cols
     k = grad.size(-1)
     at_gold = torch.where(rest < 0.5, (1 - k) * g_sum - g_pad - c * rest, g_sum + g_gold + c * p_gold)
     rows = torch.arange(grad.size(0), device=grad.device)
@@ -186,7 +202,7 @@ def _grad_from_probs_(p: Tensor, tgt: Tensor, pad: int | None, grads: list[Tenso
     """
     g_sum, g_gold, g_pad = grads
     c = -(p.size(-1) * g_sum + g_gold + g_pad)  # (C,)
-    _set_gold_and_pad_(p, tgt, pad, c, grads, *_scale_probs_(p, tgt, pad, c, g_sum))
+    _set_gold_and_pad_(p, tgt, pad, c, grads, _scale_probs_(p, tgt, pad, c, g_sum))
     return p
 
 
@@ -208,11 +224,12 @@ class _RowStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, tgt: Tensor, pad: int | None, rows: int, back_rows: int, keep_probs: bool):
+    def forward(ctx, logits: Tensor, tgt: Tensor, walk: _Walk):
         n, k = logits.shape
+        pad, rows = walk.pad, walk.rows
         cdt = _compute_dtype(logits.dtype)
         stats = _new_stats(n, cdt, logits.device)
-        in_place = keep_probs and logits.dtype == cdt  # else one (C, V) float scratch
+        in_place = walk.keep_probs and logits.dtype == cdt  # else one (C, V) float scratch
         probs = _empty_huge_like(logits) if in_place else None  # (N, V): to become the gradient
         scratch = None if in_place else logits.new_empty(min(rows, n), k, dtype=cdt)
         upcast = _upcast_buffer(logits, rows)
@@ -222,7 +239,7 @@ class _RowStats(torch.autograd.Function):
             p = probs[sl] if in_place else scratch[: x.size(0)]
             _stats_and_probs(x, tgt[sl], pad, p, [s[sl] for s in stats])
         ctx.save_for_backward(logits, tgt)
-        ctx.probs, ctx.pad, ctx.back_rows = probs, pad, back_rows
+        ctx.probs, ctx.pad, ctx.back_rows = probs, pad, walk.back_rows
         return tuple(stats)
 
     @staticmethod
@@ -252,8 +269,8 @@ class _RowStats(torch.autograd.Function):
                     col[sl] = chunk_col
             if not direct:
                 grad[sl].copy_(p)
-        _set_gold_and_pad_(grad, tgt, pad, c, grads, *cols)
-        return grad, None, None, None, None, None
+        _set_gold_and_pad_(grad, tgt, pad, c, grads, cols)
+        return grad, None, None
 
 
 def _upcast_buffer(logits: Tensor, rows: int) -> Tensor | None:
@@ -275,8 +292,9 @@ class _LinearRowStats(torch.autograd.Function):
     single (C, V) buffer."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, tgt: Tensor, pad: int | None, rows: int):
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, tgt: Tensor, walk: _Walk):
         n, k = hidden.size(0), weight.size(0)
+        pad, rows = walk.pad, walk.rows
         cdt = _compute_dtype(hidden.dtype)
         w, b = weight.to(cdt), bias.to(cdt) if bias is not None else None
         stats = _new_stats(n, cdt, hidden.device)
@@ -315,7 +333,7 @@ class _LinearRowStats(torch.autograd.Function):
                 grad_w.addmm_(g.t(), h)
             if need_b:
                 grad_b += g.sum(0)
-        return _cast(grad_h, hidden), _cast(grad_w, weight), _cast(grad_b, bias), None, None, None
+        return _cast(grad_h, hidden), _cast(grad_w, weight), _cast(grad_b, bias), None, None
 
 
 def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
@@ -330,34 +348,28 @@ def _linear(h: Tensor, w: Tensor, b: Tensor | None, chunk: Tensor) -> Tensor:
     return torch.addmm(b, h, w.t(), out=out)
 
 
-def _prepare(target: Tensor, k: int, epsilon: float, ignore_index, smoothing: str, reduction: str):
-    """Check the arguments; return (tgt (N,) with ignored ids set to 0, keep (N,), pad column)."""
-    check_args(k, epsilon, smoothing, ignore_index)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+def _prepare(target: Tensor, k: int, spec: LossSpec):
+    """Check the arguments; return (tgt (N,) with ignored ids set to 0, keep (N,))."""
+    check_args(k, spec)
+    if spec.reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {spec.reduction!r}")
     tgt = target.reshape(-1)  # (N,)
+    ignore_index = spec.ignore_index
     keep = tgt.ne(ignore_index) if ignore_index is not None else torch.ones_like(tgt, dtype=torch.bool)
     check_target(tgt, k, keep)
-    pad = ignore_index if smoothing == "others_no_pad" else None
-    return tgt.masked_fill(~keep, 0), keep, pad
+    return tgt.masked_fill(~keep, 0), keep
 
 
-def _finish(stats, keep: Tensor, k: int, epsilon: float, smoothing: str, reduction: str, shape) -> LossOutput:
+def _finish(stats, keep: Tensor, k: int, spec: LossSpec, shape) -> LossOutput:
     """The reference's per-token formulas (``token_terms``) on the row statistics, then the KL
     and the reduction."""
     sum_lp, lp_gold, lp_pad = stats
-    loss, nll = terms_from_row_stats(lp_gold, sum_lp, lp_pad, keep, k, epsilon, smoothing)
-    return loss_output(loss, nll, keep, k, epsilon, smoothing, reduction, shape)
+    loss, nll = terms_from_row_stats(lp_gold, sum_lp, lp_pad, keep, k, spec)
+    return loss_output(loss, nll, keep, k, spec, shape)
 
 
 def fused_label_smoothed_cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    epsilon: float = 0.1,
-    ignore_index: int | None = None,
-    smoothing: str = "others",
-    reduction: str = "sum",
-    chunk_size: int | None = None,
+    logits: Tensor, target: Tensor, spec: LossSpec | None = None, chunk_size: int | None = None
 ) -> LossOutput:
     """:func:`label_smoothed_cross_entropy` on logits in row chunks, with a fused backward.
 
@@ -373,12 +385,9 @@ def fused_label_smoothed_cross_entropy(
 
     Args:
         logits (Tensor): shape (..., V), e.g. (B, T, V); float32, float64, bfloat16 or float16.
-        target (Tensor): gold ids, shape (...); values in [0, V) except ``ignore_index``.
-        epsilon (float): smoothing mass in [0, 1). Default: 0.1
-        ignore_index (int, optional): padding id; its positions add nothing and get zero
-            gradient. Default: None
-        smoothing (str): ``uniform``, ``others`` or ``others_no_pad``. Default: ``others``
-        reduction (str): ``none`` | ``sum`` | ``mean`` | ``sentence``. Default: ``sum``
+        target (Tensor): gold ids, shape (...); values in [0, V) except ``spec.ignore_index``.
+        spec (LossSpec, optional): epsilon, ignore_index (its positions add nothing and get
+            zero gradient), smoothing and reduction. Default: ``LossSpec()``
         chunk_size (int, optional): rows per chunk, forward and backward. Default: forward
             takes all rows at once when training on float32/float64 logits (the softmax goes
             straight into the buffer, no scratch); otherwise, and always in backward, 4 MiB of
@@ -393,29 +402,28 @@ def fused_label_smoothed_cross_entropy(
             f"{tuple(logits.shape[:-1])}, got {tuple(target.shape)}"
         )
     k = logits.size(-1)
-    tgt, keep, pad = _prepare(target, k, epsilon, ignore_index, smoothing, reduction)
+    spec = LossSpec() if spec is None else spec
+    tgt, keep = _prepare(target, k, spec)
     keep_probs = torch.is_grad_enabled() and logits.requires_grad
     full = keep_probs and logits.dtype in (torch.float32, torch.float64)  # no scratch needed
     rows = _rows_per_chunk(chunk_size, tgt.numel(), k, None if full else CHUNK_BYTES)
     back_rows = _rows_per_chunk(chunk_size, tgt.numel(), k, CHUNK_BYTES)
-    stats = _RowStats.apply(logits.reshape(-1, k), tgt, pad, rows, back_rows, keep_probs)
-    return _finish(stats, keep, k, epsilon, smoothing, reduction, target.shape)
+    walk = _Walk(spec.pad_column, rows, back_rows, keep_probs)
+    stats = _RowStats.apply(logits.reshape(-1, k), tgt, walk)
+    return _finish(stats, keep, k, spec, target.shape)
 
 
 def chunked_linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
     target: Tensor,
-    epsilon: float = 0.1,
-    ignore_index: int | None = None,
-    smoothing: str = "others",
-    reduction: str = "sum",
+    spec: LossSpec | None = None,
     bias: Tensor | None = None,
     chunk_size: int | None = None,
 ) -> LossOutput:
     """The output projection and :func:`label_smoothed_cross_entropy` in one, chunk by chunk.
 
-    Equals ``label_smoothed_cross_entropy(F.linear(hidden, weight, bias), target, ...)`` in
+    Equals ``label_smoothed_cross_entropy(F.linear(hidden, weight, bias), target, spec)`` in
     value and in the gradients of ``hidden``, ``weight`` and ``bias``, but the (N, V) logits
     never exist: forward keeps four numbers per row (three statistics and the log-sum-exp),
     and backward recomputes each chunk's logits to form ``grad_hidden = g @ weight`` and
@@ -425,8 +433,8 @@ def chunked_linear_cross_entropy(
         hidden (Tensor): decoder features, shape (..., D), e.g. (B, T, D).
         weight (Tensor): output projection (tied embedding), shape (V, D).
         target (Tensor): gold ids, shape (...).
-        epsilon, ignore_index, smoothing, reduction: as in
-            :func:`fused_label_smoothed_cross_entropy`.
+        spec (LossSpec, optional): epsilon, ignore_index, smoothing and reduction, as in
+            :func:`fused_label_smoothed_cross_entropy`. Default: ``LossSpec()``
         bias (Tensor, optional): output bias, shape (V,). Default: None
         chunk_size (int, optional): rows per chunk, i.e. of the one (C, V) float32 logits
             buffer, kept from forward to backward. Default: 32 MiB worth (262 rows at
@@ -442,7 +450,9 @@ def chunked_linear_cross_entropy(
     if weight.dim() != 2 or weight.size(1) != hidden.size(-1):
         raise ValueError(f"weight must have shape (V, {hidden.size(-1)}), got {tuple(weight.shape)}")
     k = weight.size(0)
-    tgt, keep, pad = _prepare(target, k, epsilon, ignore_index, smoothing, reduction)
+    spec = LossSpec() if spec is None else spec
+    tgt, keep = _prepare(target, k, spec)
     rows = _rows_per_chunk(chunk_size, tgt.numel(), k, LINEAR_CHUNK_BYTES)
-    stats = _LinearRowStats.apply(hidden.reshape(-1, hidden.size(-1)), weight, bias, tgt, pad, rows)
-    return _finish(stats, keep, k, epsilon, smoothing, reduction, target.shape)
+    walk = _Walk(spec.pad_column, rows, rows)
+    stats = _LinearRowStats.apply(hidden.reshape(-1, hidden.size(-1)), weight, bias, tgt, walk)
+    return _finish(stats, keep, k, spec, target.shape)

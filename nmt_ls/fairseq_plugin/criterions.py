@@ -27,7 +27,13 @@ from fairseq.logging import metrics
 from omegaconf import II
 from torch import Tensor
 
-from nmt_ls.criterions.functional import SMOOTHINGS, LossOutput, check_smoothing, label_smoothed_cross_entropy
+from nmt_ls.criterions.functional import (
+    SMOOTHINGS,
+    LossOutput,
+    LossSpec,
+    check_smoothing,
+    label_smoothed_cross_entropy,
+)
 from nmt_ls.criterions.fused import fused_label_smoothed_cross_entropy
 
 SMOOTHING_CHOICES = ChoiceEnum(list(SMOOTHINGS))
@@ -63,41 +69,35 @@ class NmtLsLabelSmoothedKLConfig(NmtLsLabelSmoothedConfig):
 class NmtLsLabelSmoothedCriterion(FairseqCriterion):
     """Label-smoothed cross-entropy summed over non-pad target tokens.
 
+    Built as fairseq builds a criterion whose ``__init__`` names ``task`` and ``cfg``
+    (``FairseqCriterion.build_criterion``, as fairseq's own ``CtcCriterion``): ``cfg`` is the
+    registered config, whose fields are the options.
+
     Args:
         task (FairseqTask): gives the pad id, ``task.target_dictionary.pad()``.
-        sentence_avg (bool): ``sample_size`` is the number of sentences, not of tokens.
-        label_smoothing (float): eps in [0, 1).
-        smoothing (str, optional): ``others`` (fairseq's), ``uniform`` or ``others_no_pad``.
-            Default: the class's ``default_smoothing``, ``others``
-        ignore_prefix_size (int): leading target positions to leave out. Default: 0
-        report_accuracy (bool): log ``n_correct``/``total`` and ``accuracy``. Default: False
-        fused (bool): score ``net_output[0]`` (logits) with the fused kernel. Default: False
+        cfg (NmtLsLabelSmoothedConfig): ``sentence_avg`` (``sample_size`` is the number of
+            sentences, not of tokens), ``label_smoothing`` (eps in [0, 1)), ``smoothing``
+            (``others``, fairseq's, ``uniform`` or ``others_no_pad``; None: the class's
+            ``default_smoothing``), ``ignore_prefix_size`` (leading target positions to leave
+            out), ``report_accuracy`` (log ``n_correct``/``total`` and ``accuracy``) and
+            ``fused`` (score ``net_output[0]``, the logits, with the fused kernel).
     """
 
     default_smoothing = "others"
 
-    def __init__(
-        self,
-        task,
-        sentence_avg: bool,
-        label_smoothing: float,
-        smoothing: str | None = None,
-        ignore_prefix_size: int = 0,
-        report_accuracy: bool = False,
-        fused: bool = False,
-    ):
+    def __init__(self, task, cfg: NmtLsLabelSmoothedConfig):
         super().__init__(task)
         # fairseq hands over a ChoiceEnum member (its config's default when not on the command line)
-        smoothing = self.default_smoothing if smoothing is None else str(smoothing)
-        check_smoothing(label_smoothing, smoothing, names=("--label-smoothing", "--smoothing"))
-        if ignore_prefix_size < 0:
-            raise ValueError(f"--ignore-prefix-size must be >= 0, got {ignore_prefix_size}")
-        self.sentence_avg = sentence_avg
-        self.eps = label_smoothing
+        smoothing = self.default_smoothing if cfg.smoothing is None else str(cfg.smoothing)
+        check_smoothing(cfg.label_smoothing, smoothing, names=("--label-smoothing", "--smoothing"))
+        if cfg.ignore_prefix_size < 0:
+            raise ValueError(f"--ignore-prefix-size must be >= 0, got {cfg.ignore_prefix_size}")
+        self.sentence_avg = cfg.sentence_avg
+        self.eps = cfg.label_smoothing
         self.smoothing = smoothing
-        self.ignore_prefix_size = ignore_prefix_size
-        self.report_accuracy = report_accuracy
-        self.fused = fused
+        self.ignore_prefix_size = cfg.ignore_prefix_size
+        self.report_accuracy = cfg.report_accuracy
+        self.fused = cfg.fused
 
     def forward(self, model, sample: dict, reduce: bool = True):
         """Loss of ``model`` on ``sample``.
@@ -143,13 +143,10 @@ class NmtLsLabelSmoothedCriterion(FairseqCriterion):
 
     def loss_terms(self, scores: Tensor, tgt: Tensor, reduction: str) -> LossOutput:
         """nmt_ls's loss, KL and NLL of ``scores`` (B, T', V) against ``tgt`` (B, T')."""
+        spec = LossSpec(self.eps, self.padding_idx, self.smoothing, reduction)
         if self.fused:
-            return fused_label_smoothed_cross_entropy(
-                scores, tgt, self.eps, self.padding_idx, self.smoothing, reduction
-            )
-        return label_smoothed_cross_entropy(
-            scores, tgt, self.eps, self.padding_idx, self.smoothing, reduction, log_probs=True
-        )
+            return fused_label_smoothed_cross_entropy(scores, tgt, spec)
+        return label_smoothed_cross_entropy(scores, tgt, spec, log_probs=True)
 
     def training_loss(self, out: LossOutput) -> Tensor:
         """The term to backpropagate: the smoothed cross-entropy."""

@@ -69,10 +69,10 @@ def cmd_train(args) -> dict:
 def cmd_binarize(args) -> int:
     """Train the tokenizer if needed and binarize the recipe's train and valid splits."""
     from nmt_ls.binarize import binarize_recipe
+    from nmt_ls.build import check_config, load_tokenizer
     from nmt_ls.config import load_recipe
     from nmt_ls.data import open_corpus
     from nmt_ls.distributed import World, resolve_device
-    from nmt_ls.train import check_config, load_tokenizer
 
     cfg = load_recipe(args.recipe, args.overrides)
     check_config(cfg)
@@ -88,7 +88,6 @@ def cmd_binarize(args) -> int:
 def cmd_run(args) -> int:
     """The main job: prepare the data, train, score the test split, plot the curves."""
     from nmt_ls.config import load_recipe
-    from nmt_ls.data import load_splits
     from nmt_ls.distributed import is_main_process, resolve_device
     from nmt_ls.plot import plot_log
     from nmt_ls.scoring import score_test_split
@@ -101,7 +100,7 @@ def cmd_run(args) -> int:
     summary = train(cfg, resume=args.resume, started=start, test_split=True)
     if not is_main_process():  # under torchrun, rank 0 alone decodes the test split, writes and prints
         return 0
-    test = load_splits(cfg.data, splits=("test",))["test"]
+    test = summary.pop("test_pairs", [])  # read once, at set-up
     device = resolve_device(cfg.train.device)
     scores = score_test_split(summary["checkpoint_best"], test, cfg.eval, out_dir, cfg.data.tgt_lang, device)
     png = plot_log(summary["log"], out_dir / "curves.png")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from nmt_ls.model import Architecture  # the recipe's `model:` section
+
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the schema."""
@@ -82,21 +84,6 @@ class DataConfig:
 class TokenizerConfig:
     vocab_size: int = 8000
     model_type: str = "unigram"
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    d_model: int = 256
-    n_heads: int = 4
-    ffn_dim: int = 1024
-    enc_layers: int = 3
-    dec_layers: int = 3
-    dropout: float = 0.1
-    attn_dropout: float = 0.0
-    pre_norm: bool = True
-    positions: str = "sinusoidal"
-    tie_embeddings: bool = True
-    max_positions: int = 1024
 
 
 @dataclass(frozen=True)
@@ -167,7 +154,7 @@ class RunConfig:
     out_dir: str = "runs/run"
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Architecture = field(default_factory=Architecture)
     criterion: CriterionConfig = field(default_factory=CriterionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -383,7 +383,7 @@ class Seq2Seq(nn.Module):
 
 
 def build_model(vocab_size: int, pad_id: int, **model_kwargs) -> Seq2Seq:
-    """Build a :class:`Seq2Seq` from flat keyword arguments (the fields of ``ModelConfig``:
+    """Build a :class:`Seq2Seq` from flat keyword arguments (the fields of :class:`Architecture`:
     d_model, n_heads, ffn_dim, enc_layers, dec_layers, dropout, attn_dropout, pre_norm,
     positions, tie_embeddings, max_positions), which become its :class:`Architecture`."""
     return Seq2Seq(vocab_size, Architecture(**model_kwargs), pad_id=pad_id)

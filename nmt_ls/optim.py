@@ -2,7 +2,7 @@
 warmup: inverse square root (fairseq, JoeyNMT), linear or cosine decay to ``end_lr`` at
 ``max_updates`` (fairseq's polynomial_decay with power 1, and a half cosine), and
 warmup-stable-decay (Hägele et al. 2024, arXiv:2405.18392), whose total number of updates may
-be fixed after training has started (:func:`plan_total_updates` turns a time budget into one)."""
+be fixed after training has started (:mod:`nmt_ls.planner` turns a time budget into one)."""
 
 from __future__ import annotations
 
@@ -44,14 +44,37 @@ def decay_factor(step: int, warmup_steps: int, total_steps: int, end_ratio: floa
     return end_ratio + (1.0 - end_ratio) * left
 
 
+@dataclass(frozen=True)
+class WsdShape:
+    """The shape of a warmup-stable-decay schedule, whatever its length.
+
+    Args:
+        cooldown_fraction (float): share of the updates given to the cooldown, in [0, 1].
+        stable_phase (str): ``constant`` or ``inverse_sqrt``.
+        cooldown_shape (str): ``linear`` or ``1-sqrt``.
+    """
+
+    cooldown_fraction: float = 0.2
+    stable_phase: str = "constant"
+    cooldown_shape: str = "linear"
+
+    def __post_init__(self):
+        if self.stable_phase not in STABLE_PHASES:
+            raise ValueError(f"train.stable_phase must be one of {', '.join(STABLE_PHASES)}, got {self.stable_phase!r}")
+        if self.cooldown_shape not in COOLDOWN_SHAPES:
+            shapes = ", ".join(COOLDOWN_SHAPES)
+            raise ValueError(f"train.cooldown_shape must be one of {shapes}, got {self.cooldown_shape!r}")
+        if not 0.0 <= self.cooldown_fraction <= 1.0:
+            raise ValueError(f"train.cooldown_fraction must be in [0, 1], got {self.cooldown_fraction}")
+
+
 def wsd_factor(
     step: int,
     warmup_steps: int,
     total_updates: int,
     cooldown_updates: int,
     end_ratio: float,
-    stable_phase: str = "constant",
-    cooldown_shape: str = "linear",
+    shape: WsdShape = WsdShape(),
 ) -> float:
     """Multiplier of the peak lr at update ``step`` (0-based) under warmup-stable-decay.
 
@@ -69,10 +92,10 @@ def wsd_factor(
     """
     start = total_updates - cooldown_updates
     if total_updates <= 0 or cooldown_updates <= 0 or step < start:
-        return _stable_level(step, warmup_steps, stable_phase)
+        return _stable_level(step, warmup_steps, shape.stable_phase)
     progress = min(1.0, (step - start) / cooldown_updates)
-    left = 1.0 - (progress if cooldown_shape == "linear" else math.sqrt(progress))
-    return end_ratio + (_stable_level(start, warmup_steps, stable_phase) - end_ratio) * left
+    left = 1.0 - (progress if shape.cooldown_shape == "linear" else math.sqrt(progress))
+    return end_ratio + (_stable_level(start, warmup_steps, shape.stable_phase) - end_ratio) * left
 
 
 def _stable_level(step: int, warmup_steps: int, stable_phase: str) -> float:
@@ -98,12 +121,13 @@ class WarmupStableDecay(torch.optim.lr_scheduler.LRScheduler):
         warmup_steps (int): linear warmup updates.
         total_updates (int): updates of the whole run, cooldown included; 0: not fixed yet.
             Default: 0
-        cooldown_fraction (float): share of ``total_updates`` given to the cooldown, in
-            [0, 1]. Default: 0.2
         end_lr (float): lr after the last update, in [0, peak] (of the first group; the
             other groups keep the same ratio). Default: 0.0
-        stable_phase (str): ``constant`` or ``inverse_sqrt``. Default: ``constant``
-        cooldown_shape (str): ``linear`` or ``1-sqrt``. Default: ``linear``
+        shape (WsdShape): the cooldown's share and shape, the stable phase. Default: a 20%
+            linear cooldown after a constant stable phase
+
+    The shape's fields are kept as plain attributes, so that the state dict holds only numbers
+    and strings (checkpoints load with ``weights_only=True``).
     """
 
     def __init__(
@@ -111,23 +135,13 @@ class WarmupStableDecay(torch.optim.lr_scheduler.LRScheduler):
         optimizer: torch.optim.Optimizer,
         warmup_steps: int,
         total_updates: int = 0,
-        cooldown_fraction: float = 0.2,
         end_lr: float = 0.0,
-        stable_phase: str = "constant",
-        cooldown_shape: str = "linear",
+        shape: WsdShape = WsdShape(),
         last_epoch: int = -1,
     ):
-        if stable_phase not in STABLE_PHASES:
-            raise ValueError(f"train.stable_phase must be one of {', '.join(STABLE_PHASES)}, got {stable_phase!r}")
-        if cooldown_shape not in COOLDOWN_SHAPES:
-            raise ValueError(
-                f"train.cooldown_shape must be one of {', '.join(COOLDOWN_SHAPES)}, got {cooldown_shape!r}"
-            )
-        if not 0.0 <= cooldown_fraction <= 1.0:
-            raise ValueError(f"train.cooldown_fraction must be in [0, 1], got {cooldown_fraction}")
         peak = optimizer.param_groups[0]["lr"]
-        self.warmup_steps, self.cooldown_fraction = warmup_steps, cooldown_fraction
-        self.stable_phase, self.cooldown_shape = stable_phase, cooldown_shape
+        self.warmup_steps, self.cooldown_fraction = warmup_steps, shape.cooldown_fraction
+        self.stable_phase, self.cooldown_shape = shape.stable_phase, shape.cooldown_shape
         self.end_ratio = end_lr / peak if peak > 0 else 0.0
         self.cooldown_from = None  # the factor the cooldown starts from; None: the stable level there
         self.warmup_from = None  # (update, factor) the warmup goes on from after a change of its length
@@ -158,15 +172,8 @@ class WarmupStableDecay(torch.optim.lr_scheduler.LRScheduler):
             start, level = self.warmup_from
             return level + (1.0 - level) * (step + 1 - start) / (self.warmup_steps - start)
         if self.cooldown_from is None or step < self.cooldown_start:
-            return wsd_factor(
-                step,
-                self.warmup_steps,
-                self.total_updates,
-                self.cooldown_updates,
-                self.end_ratio,
-                self.stable_phase,
-                self.cooldown_shape,
-            )
+            shape = WsdShape(self.cooldown_fraction, self.stable_phase, self.cooldown_shape)
+            return wsd_factor(step, self.warmup_steps, self.total_updates, self.cooldown_updates, self.end_ratio, shape)
         progress = min(1.0, (step - self.cooldown_start) / max(1, self.cooldown_updates))
         left = 1.0 - (progress if self.cooldown_shape == "linear" else math.sqrt(progress))
         return self.end_ratio + (self.cooldown_from - self.end_ratio) * left
@@ -209,70 +216,6 @@ class WarmupStableDecay(torch.optim.lr_scheduler.LRScheduler):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
-@dataclass(frozen=True)
-class Cadence:
-    """When validations come: every ``every`` updates (0: not by count), at each epoch end (the
-    next at update ``next_epoch_end``, then every ``epoch_updates``; 0: none), and after the last
-    update unless one came there already (or at ``validated_at``)."""
-
-    every: int = 0
-    epoch_updates: int = 0
-    next_epoch_end: int = 0
-    validated_at: int = -1
-
-    def count(self, done: int, total: int) -> int:
-        """Validations after update ``done`` up to and including update ``total``."""
-        at = set()
-        if self.every > 0:
-            at.update(range((done // self.every + 1) * self.every, total + 1, self.every))
-        if self.epoch_updates > 0:
-            first = self.next_epoch_end
-            if first <= done:
-                first += (done - first) // self.epoch_updates * self.epoch_updates + self.epoch_updates
-            at.update(range(first, total + 1, self.epoch_updates))
-        final = total not in at and total != self.validated_at
-        return len(at) + final
-
-
-def plan_total_updates(
-    seconds_left: float,
-    per_update_s: float,
-    updates_done: int,
-    cadence: Cadence = Cadence(),
-    validation_s: float = 0.0,
-    max_total: int | None = None,
-) -> int:
-    """The total number of updates that fits a time budget, from a measured update rate.
-
-    The result is ``d + n`` (``d = updates_done``) for the largest ``n >= 0`` with::
-
-        n * per_update_s + cadence.count(d, d + n) * validation_s <= seconds_left
-
-    capped at ``max_total`` (e.g. where ``train.max_epochs`` ends the run). ``seconds_left`` is
-    what the budget leaves once the time so far and what follows training (test decoding) are
-    taken off. If not even ``n = 0`` fits, the result is ``d``.
-
-    Raises:
-        ValueError: a rate, a time or a count is not positive where it must be.
-    """
-    if per_update_s <= 0:
-        raise ValueError(f"the measured seconds per update must be > 0, got {per_update_s}")
-    if min(updates_done, validation_s) < 0:
-        raise ValueError(f"updates_done and validation_s must be >= 0, got {updates_done}, {validation_s}")
-
-    def cost(n: int) -> float:
-        return n * per_update_s + cadence.count(updates_done, updates_done + n) * validation_s
-
-    if cost(0) > seconds_left:
-        return updates_done
-    lo, hi = 0, int(max(seconds_left, 0.0) / per_update_s) + 1  # cost(lo) <= left < cost(hi): cost(n) >= n * s_u
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if cost(mid) <= seconds_left else (lo, mid)
-    total = updates_done + lo
-    return total if max_total is None else max(updates_done, min(total, max_total))
-
-
 def check_schedule(name: str, max_updates: int, lr: float, end_lr: float) -> None:
     """Raise ValueError, naming the recipe key, for a schedule that cannot run."""
     if name not in SCHEDULES:
@@ -291,19 +234,14 @@ def build_scheduler(
     name: str = "inverse_sqrt",
     max_updates: int = 0,
     end_lr: float = 0.0,
-    cooldown_fraction: float = 0.2,
-    cooldown_shape: str = "linear",
-    stable_phase: str = "constant",
+    shape: WsdShape = WsdShape(),
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """The schedule ``name``; for ``wsd``, ``max_updates = 0`` leaves the total to
-    :meth:`WarmupStableDecay.set_total_updates`. The ``cooldown_*`` and ``stable_phase``
-    arguments apply to ``wsd`` only."""
+    :meth:`WarmupStableDecay.set_total_updates`, and ``shape`` applies to ``wsd`` only."""
     peak = optimizer.param_groups[0]["lr"]
     check_schedule(name, max_updates, peak, end_lr)
     if name == "wsd":
-        return WarmupStableDecay(
-            optimizer, warmup_steps, max_updates, cooldown_fraction, end_lr, stable_phase, cooldown_shape
-        )
+        return WarmupStableDecay(optimizer, warmup_steps, max_updates, end_lr, shape)
     if name == "inverse_sqrt":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: inverse_sqrt_factor(step, warmup_steps))
     ratio = end_lr / peak if peak > 0 else 0.0

@@ -3,6 +3,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from nmt_ls.criterions import register_criterion
+from nmt_ls.criterions.label_smoothed import LabelSmoothedCrossEntropyCriterion
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -61,7 +64,47 @@ class FakeClock:
     def time(self) -> float:
         return self.now
 
-    perf_counter = time
+    perf_counter = __call__ = time
 
     def advance(self, seconds: float):
         self.now += seconds
+
+
+@register_criterion("clocked_label_smoothed")
+class ClockedCriterion(LabelSmoothedCrossEntropyCriterion):
+    """The label-smoothed criterion on a fake clock: the n-th training forward pass of a process
+    takes ``update_s(n)`` seconds (n from 0), each valid batch ``valid_s``. Set by the ``clocked``
+    fixture; the loop itself runs as it is, on ``train(cfg, clock=clock)``."""
+
+    clock: FakeClock | None = None
+    update_s = staticmethod(lambda n: 0.1)
+    valid_s = 0.1
+    forwards = 0  # this criterion's training forward passes (set on the instance from the first)
+
+    def forward(self, model, sample, reduce=True):
+        if model.training:
+            self.clock.advance(self.update_s(self.forwards))
+            self.forwards += 1
+        else:
+            self.clock.advance(self.valid_s)
+        return super().forward(model, sample, reduce)
+
+
+@pytest.fixture
+def clocked(monkeypatch):
+    """``train(cfg, clock)`` on a fake clock, its time spent by the clocked criterion: call with
+    the out_dir, overrides, ``update_s`` (seconds of the n-th update) and ``train``'s arguments;
+    returns (cfg, summary)."""
+    from nmt_ls.config import load_recipe
+    from nmt_ls.train import train
+
+    clock = FakeClock()
+    monkeypatch.setattr(ClockedCriterion, "clock", clock)
+
+    def run(out_dir, *extra, update_s=lambda n: 0.1, **kwargs):
+        monkeypatch.setattr(ClockedCriterion, "update_s", staticmethod(update_s))
+        cfg = load_recipe(SMOKE_RECIPE, overrides(out_dir, "criterion.name='clocked_label_smoothed'", *extra))
+        return cfg, train(cfg, clock=clock, **kwargs)
+
+    run.clock = clock
+    return run

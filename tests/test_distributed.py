@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from nmt_ls import checkpoint
+from nmt_ls.build import check_config
 from nmt_ls.config import load_recipe
-from nmt_ls.train import check_config
 
 from conftest import FIXTURE, ROOT
 from conftest import overrides as smoke_overrides

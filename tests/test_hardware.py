@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from nmt_ls import checkpoint, hardware
+from nmt_ls import build, checkpoint, hardware
 from nmt_ls import train as loop
 from nmt_ls.config import load_recipe
 from nmt_ls.hardware import choose_amp
@@ -56,11 +56,11 @@ def test_explicit_bf16_without_native_support_warns(monkeypatch, caplog):
 
 def test_auto_threads_are_the_cores_shared_by_local_workers(monkeypatch):
     monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(loop, "usable_cores", hardware.usable_cores)
-    assert loop.num_threads("auto") == 4
+    monkeypatch.setattr(build, "usable_cores", hardware.usable_cores)
+    assert build.num_threads("auto") == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert loop.num_threads("auto") == loop.num_threads(0) == 2
-    assert loop.num_threads(3) == 3
+    assert build.num_threads("auto") == build.num_threads(0) == 2
+    assert build.num_threads(3) == 3
 
 
 @pytest.mark.parametrize(("native", "bf16_faster", "amp"), [(False, True, "none"), (True, True, "bf16")])
@@ -68,16 +68,16 @@ def test_the_choice_is_logged_kept_in_the_checkpoint_and_on_resume(
     tmp_path, monkeypatch, caplog, native, bf16_faster, amp
 ):
     monkeypatch.setattr(hardware, "native_bf16", lambda device: native)
-    monkeypatch.setattr(loop, "native_bf16", lambda device: native)
+    monkeypatch.setattr(build, "native_bf16", lambda device: native)
     probed = []
 
     def tokens_per_second(run, batches, precision):
         probed.append((precision, len(batches)))
         return 200.0 if precision == "bf16" else 100.0
 
-    monkeypatch.setattr(loop, "tokens_per_second", tokens_per_second)
+    monkeypatch.setattr(build, "tokens_per_second", tokens_per_second)
     args = overrides(tmp_path / "run", "train.amp='auto'", "train.max_updates=2", "train.num_threads='auto'")
-    with caplog.at_level(logging.INFO, logger="nmt_ls.train"):
+    with caplog.at_level(logging.INFO, logger="nmt_ls.build"):
         summary = loop.train(load_recipe(SMOKE_RECIPE, args))
     assert f"amp auto: {'bf16' if amp == 'bf16' else 'float32'} (CPU " in caplog.text
     assert probed == ([("none", 2), ("bf16", 2)] if native else [])
@@ -86,16 +86,16 @@ def test_the_choice_is_logged_kept_in_the_checkpoint_and_on_resume(
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["amp"] == amp
     probed.clear()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="nmt_ls.train"):
+    with caplog.at_level(logging.INFO, logger="nmt_ls.build"):
         loop.train(load_recipe(SMOKE_RECIPE, [*args[:-2], "train.max_updates=3"]), resume=True)
     assert probed == [] and f"amp auto: {amp}, as the checkpoint was trained" in caplog.text
 
 
 def test_probe_leaves_the_model_and_the_rng_as_they_were(tmp_path):
-    run = loop.setup(load_recipe(SMOKE_RECIPE, overrides(tmp_path / "run")), resume=False)
+    run = build.setup(load_recipe(SMOKE_RECIPE, overrides(tmp_path / "run")), None)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     rng = torch.get_rng_state()
-    assert loop.tokens_per_second(run, loop.probe_batches(run), "none") > 0
+    assert build.tokens_per_second(run, build.probe_batches(run), "none") > 0
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in run.model.parameters())
     assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from nmt_ls.optim import (
-    Cadence,
     WarmupStableDecay,
+    WsdShape,
     build_optimizer,
     build_scheduler,
     decay_factor,
     inverse_sqrt_factor,
-    plan_total_updates,
     wsd_factor,
 )
+from nmt_ls.planner import Cadence, plan_total_updates
 
 
 def lrs(name, steps, peak=2e-3, warmup=4, max_updates=10, end_lr=0.0):
@@ -65,12 +65,17 @@ def test_schedule_errors_name_the_recipe_key():
 # ---- warmup-stable-decay ---------------------------------------------------------------------
 
 
+def wsd(opt, warmup, total=0, end_lr=0.0, **shape):
+    """A WarmupStableDecay with the shape's fields given as keywords."""
+    return WarmupStableDecay(opt, warmup, total, end_lr, WsdShape(**shape))
+
+
 def wsd_lrs(steps, total=20, set_total_at=None, **kwargs):
     """The lr of each of ``steps`` updates; the total is given at construction, or fixed by
     ``set_total_updates`` after ``set_total_at`` updates."""
     model = torch.nn.Linear(2, 2)
     opt = build_optimizer(model, 2e-3, (0.9, 0.98), 1e-8, 0.0)
-    sched = WarmupStableDecay(opt, 4, 0 if set_total_at is not None else total, **kwargs)
+    sched = wsd(opt, 4, 0 if set_total_at is not None else total, **kwargs)
     out = []
     for k in range(steps):
         if k == set_total_at:
@@ -118,7 +123,7 @@ def test_wsd_resume_restores_the_total():
     def make():
         model = torch.nn.Linear(2, 2)
         opt = build_optimizer(model, 2e-3, (0.9, 0.98), 1e-8, 0.0)
-        return opt, build_scheduler(opt, 4, "wsd", 0, 0.0, cooldown_fraction=0.5, cooldown_shape="1-sqrt")
+        return opt, build_scheduler(opt, 4, "wsd", 0, 0.0, WsdShape(cooldown_fraction=0.5, cooldown_shape="1-sqrt"))
 
     opt, sched = make()
     for _ in range(6):
@@ -144,20 +149,20 @@ def test_wsd_resume_restores_the_total():
 def test_wsd_factor_without_total_or_cooldown_stays_stable():
     assert wsd_factor(50, 4, 0, 0, 0.0) == 1.0
     assert wsd_factor(50, 4, 100, 0, 0.0) == 1.0
-    assert wsd_factor(15, 4, 0, 0, 0.0, stable_phase="inverse_sqrt") == pytest.approx(0.5)
+    assert wsd_factor(15, 4, 0, 0, 0.0, WsdShape(stable_phase="inverse_sqrt")) == pytest.approx(0.5)
     assert wsd_factor(0, 0, 10, 2, 0.0) == 1.0  # no warmup
 
 
 def test_wsd_errors_name_the_recipe_key():
     opt = build_optimizer(torch.nn.Linear(2, 2), 2e-3, (0.9, 0.98), 1e-8, 0.0)
     with pytest.raises(ValueError, match="inside train.warmup_steps=4"):
-        WarmupStableDecay(opt, 4, 10, cooldown_fraction=0.7)
+        wsd(opt, 4, 10, cooldown_fraction=0.7)
     with pytest.raises(ValueError, match=r"train.cooldown_fraction must be in \[0, 1\]"):
-        WarmupStableDecay(opt, 4, 10, cooldown_fraction=1.5)
+        wsd(opt, 4, 10, cooldown_fraction=1.5)
     with pytest.raises(ValueError, match="train.cooldown_shape must be one of linear, 1-sqrt"):
-        WarmupStableDecay(opt, 4, cooldown_shape="cosine")
+        wsd(opt, 4, cooldown_shape="cosine")
     with pytest.raises(ValueError, match="train.stable_phase must be one of constant, inverse_sqrt"):
-        WarmupStableDecay(opt, 4, stable_phase="cosine")
+        wsd(opt, 4, stable_phase="cosine")
 
 
 def test_wsd_needs_no_max_updates():
@@ -170,7 +175,7 @@ def replanned_lrs(steps, plans, warmup=4, **kwargs):
     """The lr of each of ``steps`` updates, with ``plans[k] = total`` (or ``(total, warmup)``)
     fixed after ``k`` updates."""
     opt = build_optimizer(torch.nn.Linear(2, 2), 2e-3, (0.9, 0.98), 1e-8, 0.0)
-    sched = WarmupStableDecay(opt, warmup, **kwargs)
+    sched = wsd(opt, warmup, **kwargs)
     out = []
     for k in range(steps):
         if k in plans:
@@ -208,7 +213,7 @@ def test_wsd_first_plan_shortens_the_warmup_from_the_lr_of_now():
 
 def test_wsd_set_peak_keeps_the_shape():
     opt = build_optimizer(torch.nn.Linear(2, 2), 2e-3, (0.9, 0.98), 1e-8, 0.0)
-    sched = WarmupStableDecay(opt, 4, 20, cooldown_fraction=0.5, end_lr=2e-4)
+    sched = wsd(opt, 4, 20, end_lr=2e-4, cooldown_fraction=0.5)
     for _ in range(15):
         opt.step()
         sched.step()

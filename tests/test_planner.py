@@ -1,18 +1,21 @@
 """The wsd planner on a fake clock: a time budget becomes a schedule that ends its cooldown in
 time on a slow machine, a machine that slows down, a first epoch longer than the budget, a run
-capped by max_epochs, and on resume with a new budget, total or learning rate."""
+capped by max_epochs, and on resume with a new budget, total or learning rate. The loop runs as
+it is; the clock is a parameter (``train(cfg, clock=...)``) and the clocked criterion
+(tests/conftest.py) spends its time. The test decoding's reserve is a unit test of the Planner."""
 
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from nmt_ls import checkpoint
-from nmt_ls import train as loop
-from nmt_ls.config import load_recipe
-from nmt_ls.optim import wsd_factor
+from nmt_ls.distributed import World
+from nmt_ls.optim import WarmupStableDecay, wsd_factor
+from nmt_ls.planner import PLAN_TARGET, RUN_TAIL_S, Budget, Planner, PlanState, Probe, Runway
 
-from conftest import SMOKE_RECIPE, FakeClock, overrides
+from conftest import FakeClock
 
 WSD = (
     "train.lr_scheduler='wsd'",
@@ -33,47 +36,26 @@ def train_lrs(out_dir):
     return [r["lr"] for r in read_log(out_dir) if r["kind"] == "train"]
 
 
-@pytest.fixture
-def clocked(monkeypatch):
-    """Train on a fake clock: ``seconds(update)`` per update (0-based), 0.5 s per validation;
-    every save asserts that the checkpoint holds the plan in force."""
-    clock = FakeClock()
-    monkeypatch.setattr(loop, "time", clock)
-    step, validate, save = loop.train_step, loop.validate, loop.save
-
-    def saving(run, name):
-        if run.progress.planned_updates:
-            assert run.scheduler.total_updates == run.progress.planned_updates
-        save(run, name)
-
-    monkeypatch.setattr(loop, "validate", lambda run: (clock.advance(0.5), validate(run))[1])
-    monkeypatch.setattr(loop, "save", saving)
-
-    def run(out_dir, *extra, seconds=lambda update: 0.1, resume=False, test_split=False):
-        def timed_step(run, group):
-            clock.advance(seconds(run.progress.update))
-            return step(run, group)
-
-        monkeypatch.setattr(loop, "train_step", timed_step)
-        cfg = load_recipe(SMOKE_RECIPE, overrides(out_dir, *WSD, *extra))
-        return cfg, loop.train(cfg, resume=resume, test_split=test_split)
-
-    return run
-
-
 def ends_its_cooldown(summary):
     return summary["stop_reason"].startswith(f"reached the {summary['updates']} updates planned") and (
         summary["final_lr"] == 0.0
     )
 
 
+def saves_hold_the_plan(summary):
+    ckpt = checkpoint.load(summary["checkpoint_last"])
+    return ckpt["scheduler"]["total_updates"] == ckpt["planned_updates"] == summary["updates"]
+
+
 def test_slow_machine_plans_after_one_window_with_a_warmup_sized_to_the_budget(tmp_path, clocked, caplog):
     # 7 s per update, 7 minutes: about 58 updates. The recipe asks for a 250-update warmup, which
     # would fill the run: the plan comes after the first window (update 6) and ends the warmup at
     # 10% of the run, going on from the lr of then
-    with caplog.at_level("INFO", logger="nmt_ls.train"):
-        cfg, summary = clocked(tmp_path / "run", "train.max_minutes=7", "train.warmup_steps=250", seconds=lambda u: 7.0)
-    assert ends_its_cooldown(summary)
+    with caplog.at_level("INFO", logger="nmt_ls.planner"):
+        cfg, summary = clocked(
+            tmp_path / "run", *WSD, "train.max_minutes=7", "train.warmup_steps=250", update_s=lambda n: 7.0
+        )
+    assert ends_its_cooldown(summary) and saves_hold_the_plan(summary)
     assert 50 <= summary["updates"] and summary["minutes"] <= 7
     assert "wsd plan: " in caplog.text
     state = checkpoint.load(summary["checkpoint_last"])["scheduler"]
@@ -85,7 +67,9 @@ def test_slow_machine_plans_after_one_window_with_a_warmup_sized_to_the_budget(t
 
 def test_first_epoch_longer_than_the_budget_is_planned_inside_it(tmp_path, clocked):
     # 1 s per update and 12 s: the plan must come, and its cooldown end, inside the first epoch
-    cfg, summary = clocked(tmp_path / "run", "train.max_minutes=0.2", "train.warmup_steps=2", seconds=lambda u: 1.0)
+    summary = clocked(tmp_path / "run", *WSD, "train.max_minutes=0.2", "train.warmup_steps=2", update_s=lambda n: 1.0)[
+        1
+    ]
     assert ends_its_cooldown(summary)
     assert summary["epochs"] == 0 and 8 <= summary["updates"] <= 12
 
@@ -93,62 +77,78 @@ def test_first_epoch_longer_than_the_budget_is_planned_inside_it(tmp_path, clock
 def test_machine_that_slows_down_moves_the_cooldown_earlier(tmp_path, clocked, caplog):
     # 0.1 s per update, then 0.3 s from update 40 on: the re-plans shorten the run, the cooldown
     # still ends at end_lr, and the run ends inside its 12 s
-    with caplog.at_level("INFO", logger="nmt_ls.train"):
+    with caplog.at_level("INFO", logger="nmt_ls.planner"):
         cfg, summary = clocked(
             tmp_path / "run",
+            *WSD,
             "train.max_minutes=0.2",
             "train.warmup_steps=5",
             "train.validate_every_updates=30",
-            seconds=lambda u: 0.1 if u < 40 else 0.3,
+            update_s=lambda n: 0.1 if n < 40 else 0.3,
         )
     plans = [int(line.split(": ")[1].split()[0]) for line in caplog.text.splitlines() if "wsd plan: " in line]
     replans = [int(line.split(": ")[1].split()[0]) for line in caplog.text.splitlines() if "wsd re-plan: " in line]
-    assert ends_its_cooldown(summary) and summary["minutes"] * 60 <= 12.0
+    assert ends_its_cooldown(summary) and saves_hold_the_plan(summary) and summary["minutes"] * 60 <= 12.0
     assert replans[-1] == summary["updates"] < plans[0]
     lrs = train_lrs(tmp_path / "run")[5:]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # after the warmup the lr never rises
 
 
 def test_max_epochs_caps_the_plan_so_the_cooldown_still_ends(tmp_path, clocked):
-    one_epoch = clocked(tmp_path / "probe", "train.max_minutes=10", "train.max_epochs=1", "train.warmup_steps=2")[1]
-    cfg, summary = clocked(tmp_path / "run", "train.max_minutes=10", "train.max_epochs=2", "train.warmup_steps=2")
+    extra = (*WSD, "train.max_minutes=10", "train.warmup_steps=2")
+    one_epoch = clocked(tmp_path / "probe", *extra, "train.max_epochs=1")[1]
+    summary = clocked(tmp_path / "run", *extra, "train.max_epochs=2")[1]
     assert one_epoch["final_lr"] == summary["final_lr"] == 0.0
     assert summary["updates"] == 2 * one_epoch["updates"] and summary["epochs"] == 2
 
 
-def test_nmt_ls_run_keeps_the_test_decoding_time_out_of_training(tmp_path, clocked, monkeypatch):
-    # decoding costs 0.05 s a sentence greedy and 0.1 s with beam (the fake clock): the fixture's
-    # 200 test sentences reserve 200 * 0.05 * 3 + 20 = 50 s of a 90 s budget
-    translate = loop.translate
+def test_test_decoding_is_reserved_from_the_probe_and_training_stops_before_it():
+    # 200 test sentences decoded at 0.05 s a sentence greedy and 2x that with beam: 200 * 0.05 * 3
+    # + 20 = 50 s of a 90 s budget are kept; 0.1 s updates, no validation but the last
+    clock, probes = FakeClock(), []
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.002)
+    sched = WarmupStableDecay(optimizer, warmup_steps=2)
+    budget = Budget(max_minutes=1.5, planning=True, window_updates=5, warmup_steps=2, test_sentences=200)
 
-    def timed_translate(model, tok, lines, options, *args, **kwargs):
-        loop.time.advance(len(lines) * (0.05 if options.beam_size == 1 else 0.1))
-        return translate(model, tok, lines, options, *args, **kwargs)
+    def probe(need_validation):
+        probes.append(need_validation)
+        return Probe(greedy_s=0.05, beam_ratio=2.0, validation_s=0.5 if need_validation else 0.0)
 
-    monkeypatch.setattr(loop, "translate", timed_translate)
-    summary = clocked(tmp_path / "run", "train.max_minutes=1.5", "train.warmup_steps=2", test_split=True)[1]
-    assert summary["final_lr"] == 0.0
-    assert 0.97 * 90 - 50 - 2 <= summary["minutes"] * 60 <= 90 - 50
+    planner = Planner(budget, sched, PlanState(), clock, probe, World(0, 1, torch.device("cpu")))
+    update, state = 0, planner.state
+    while not (state.planned_updates and update >= state.planned_updates) and not planner.time_up():
+        clock.advance(0.1)
+        optimizer.step()
+        sched.step()
+        update += 1
+        planner.tick()
+        planner.on_update(0.1, Runway(update, epoch_left=10**6, per_epoch=10**6, epochs_after=0))
+    assert probes == [True]  # once, at the first plan, with a validation's time
+    assert planner.reserve_s() == pytest.approx(200 * 0.05 * 3 + RUN_TAIL_S)
+    assert planner.deadline_s() == pytest.approx(90 - 50)
+    assert update == state.planned_updates and optimizer.param_groups[0]["lr"] == 0.0
+    assert PLAN_TARGET * 90 - 50 - 2 <= state.elapsed <= 90 - 50
 
 
 def test_resume_with_a_larger_budget_extends_the_plan(tmp_path, clocked, caplog):
     out = tmp_path / "run"
-    first = clocked(out, "train.max_minutes=0.1", "train.warmup_steps=2")[1]
+    first = clocked(out, *WSD, "train.max_minutes=0.1", "train.warmup_steps=2")[1]
     assert ends_its_cooldown(first)
-    with caplog.at_level("INFO", logger="nmt_ls.train"):
-        second = clocked(out, "train.max_minutes=0.2", "train.warmup_steps=2", resume=True)[1]
+    with caplog.at_level("INFO", logger="nmt_ls.resume"):
+        second = clocked(out, *WSD, "train.max_minutes=0.2", "train.warmup_steps=2", resume=True)[1]
     assert "--resume: train.max_minutes 0.1 -> 0.2: the plan is fixed again" in caplog.text
-    assert ends_its_cooldown(second) and second["updates"] > 1.5 * first["updates"]
+    assert ends_its_cooldown(second) and saves_hold_the_plan(second)
+    assert second["updates"] > 1.5 * first["updates"]
     resumed = train_lrs(out)[first["updates"] :]
     assert resumed[0] > 0.0  # the stable phase again, then a cooldown to end_lr
 
 
 def test_resume_with_a_larger_total_and_another_lr_refits_the_schedule(tmp_path, clocked, caplog):
     out = tmp_path / "run"
-    pinned = ("train.warmup_steps=4", "train.cooldown_fraction=0.2")
+    pinned = (*WSD, "train.warmup_steps=4", "train.cooldown_fraction=0.2")
     clocked(out, *pinned, "train.max_updates=20")
     assert train_lrs(out)[-1] == pytest.approx(0.002 / 4, rel=1e-9)  # the last of a 4-update cooldown
-    with caplog.at_level("INFO", logger="nmt_ls.train"):
+    with caplog.at_level("INFO", logger="nmt_ls.resume"):
         cfg, summary = clocked(out, *pinned, "train.max_updates=30", "train.lr=0.001", resume=True)
     assert "--resume: train.lr 0.002 -> 0.001 and train.end_lr 0 -> 0 applied" in caplog.text
     assert summary["updates"] == 30 and summary["final_lr"] == 0.0

@@ -96,10 +96,10 @@ def test_tokenizer_is_retrained_when_the_train_files_change(tmp_path, caplog):
     import logging
     import shutil
 
+    from nmt_ls.build import load_tokenizer
     from nmt_ls.config import load_recipe
     from nmt_ls.data import open_corpus
     from nmt_ls.distributed import World
-    from nmt_ls.train import load_tokenizer
 
     from conftest import SMOKE_RECIPE, overrides
 
@@ -112,7 +112,7 @@ def test_tokenizer_is_retrained_when_the_train_files_change(tmp_path, caplog):
     for lang in ("en", "de"):
         path = corpus / f"train.{lang}"
         path.write_text(path.read_text(encoding="utf-8").upper(), encoding="utf-8")
-    with caplog.at_level(logging.INFO, logger="nmt_ls.train"):
+    with caplog.at_level(logging.INFO, logger="nmt_ls.build"):
         after = load_tokenizer(cfg, world, None, open_corpus(cfg.data))
     assert "spm.model: its train_files changed since it was trained" in caplog.text
     assert (tmp_path / "run" / "spm.model").read_bytes() != kept

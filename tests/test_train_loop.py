@@ -7,6 +7,7 @@ import logging
 import re
 import shutil
 import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,15 +16,18 @@ import torch
 
 from nmt_ls import checkpoint
 from nmt_ls.__main__ import main
+from nmt_ls.build import describe, setup
 from nmt_ls.config import load_recipe
 from nmt_ls.criterions import reduce_metrics
 from nmt_ls.data import Corpus, read_pairs
 from nmt_ls.engines import load_for_inference
 from nmt_ls.model import build_model
 from nmt_ls.optim import build_optimizer, build_scheduler
-from nmt_ls.train import setup, train, validation_loss
+from nmt_ls.planner import PLAN_TARGET, PlanState
+from nmt_ls.resume import TrainState
+from nmt_ls.train import Trainer, train
 
-from conftest import FIXTURE, NAN_PLUGIN, ROOT, SMOKE_RECIPE, FakeClock, overrides
+from conftest import FIXTURE, NAN_PLUGIN, ROOT, SMOKE_RECIPE, overrides
 
 # Few, large batches: an epoch of the fixture is a handful of updates.
 FAST = ("train.max_tokens=12000", "train.log_every_updates=1", "model.dropout=0.0")
@@ -167,40 +171,31 @@ def test_prepare_without_apt_get_is_a_one_line_error(tmp_path, capsys, monkeypat
 
 
 @pytest.mark.parametrize("max_minutes", [0.2, 0.15])  # the budget, and the same cut by 25%
-def test_wsd_plan_ends_its_cooldown_at_the_budget(tmp_path, monkeypatch, max_minutes):
-    """0.1 s per update and 0.5 s per validation on a fake clock: the plan fills the budget
+def test_wsd_plan_ends_its_cooldown_at_the_budget(tmp_path, clocked, max_minutes):
+    """0.1 s per update and per valid batch on a fake clock: the plan fills the budget
     (PLAN_TARGET of it), the lr reaches end_lr at the last update, and the checkpoint keeps it."""
-    from nmt_ls import train as loop
-
-    clock = FakeClock()
-    monkeypatch.setattr(loop, "time", clock)
-    step, validate = loop.train_step, loop.validate
-    monkeypatch.setattr(loop, "train_step", lambda run, group: (clock.advance(0.1), step(run, group))[1])
-    monkeypatch.setattr(loop, "validate", lambda run: (clock.advance(0.5), validate(run))[1])
-    cfg = load_recipe(
-        SMOKE_RECIPE,
-        overrides(
-            tmp_path / "run",
-            "train.max_updates=0",
-            "train.max_epochs=1000",
-            f"train.max_minutes={max_minutes}",
-            "train.lr_scheduler='wsd'",
-            "train.warmup_steps=10",
-            "train.plan_window_updates=10",
-            "train.validate_every_updates=30",
-            "train.log_every_updates=1",
-            "train.end_lr=0.0",
-            "model.dropout=0.0",
-        ),
+    cfg, summary = clocked(
+        tmp_path / "run",
+        "train.max_updates=0",
+        "train.max_epochs=1000",
+        f"train.max_minutes={max_minutes}",
+        "train.lr_scheduler='wsd'",
+        "train.warmup_steps=10",
+        "train.plan_window_updates=10",
+        "train.validate_every_updates=30",
+        "train.log_every_updates=1",
+        "train.end_lr=0.0",
+        "model.dropout=0.0",
     )
-    summary = train(cfg)
     assert summary["stop_reason"].startswith(f"reached the {summary['updates']} updates planned")
     assert summary["final_lr"] == 0.0  # the cooldown ran to its end
-    budget_s = loop.PLAN_TARGET * 60 * max_minutes
-    assert summary["minutes"] * 60 == pytest.approx(budget_s, abs=0.5 + 0.1)  # within a validation and an update
+    ckpt = checkpoint.load(summary["checkpoint_last"])
+    budget_s = PLAN_TARGET * 60 * max_minutes
+    within = ckpt["validation_s"] + 0.1  # within a validation and an update
+    assert summary["minutes"] * 60 == pytest.approx(budget_s, abs=within)
     lrs = [r["lr"] for r in read_log(tmp_path / "run") if r["kind"] == "train"]
     assert lrs[-1] == pytest.approx(cfg.train.lr / round(0.2 * summary["updates"]), rel=1e-9)  # the last step of it
-    assert checkpoint.load(summary["checkpoint_last"])["planned_updates"] == summary["updates"]
+    assert ckpt["planned_updates"] == summary["updates"]
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +271,13 @@ def test_resume_drops_a_torn_last_log_line_and_names_any_other_bad_line(small_ru
         train(load_recipe(SMOKE_RECIPE, overrides(out, *FAST, "model.d_model=32", "train.max_updates=5")), resume=True)
 
 
+def set_up(cfg) -> Trainer:
+    """A fresh run's trainer, set up as ``train`` sets it up, on the real clock."""
+    built = setup(cfg, None)
+    describe(built)
+    return Trainer(built, TrainState(), PlanState(), time.time)
+
+
 def test_valid_loss_and_bleu_cover_the_same_pairs(tmp_path, caplog):
     """Issue 20 row 4: with two empty-side valid pairs, the loss covered 198 pairs and BLEU 200."""
     corpus = Path(shutil.copytree(FIXTURE, tmp_path / "corpus"))
@@ -286,23 +288,26 @@ def test_valid_loss_and_bleu_cover_the_same_pairs(tmp_path, caplog):
     cfg = load_recipe(
         SMOKE_RECIPE, overrides(tmp_path / "run", *FAST, f"data.dir={str(corpus)!r}", "data.valid_bleu_sentences=0")
     )
-    with caplog.at_level(logging.INFO, logger="nmt_ls.train"):
-        run = setup(cfg, resume=False)
+    with caplog.at_level(logging.INFO, logger="nmt_ls.build"):
+        trainer = set_up(cfg)
+    valid = trainer.built.valid
     src, ref = read_pairs(Corpus(corpus, "en", "de"), "valid")  # the pairs with two sides, as read
     assert len(src) == 198
-    assert (run.bleu_src, run.bleu_ref) == (src, ref)
-    assert sum(b.src.size(0) for b in run.valid_batches) == validation_loss(run)["nsentences"] == 198
+    assert (valid.bleu_src, valid.bleu_ref) == (src, ref)
+    nsentences = reduce_metrics(trainer.validation_outputs())["nsentences"]
+    assert sum(b.src.size(0) for b in valid.batches) == nsentences == 198
     assert "valid loss and BLEU on the same pairs: 198 of the 200 read (dropped: 2 with an empty side" in caplog.text
 
 
 def test_chunked_validation_loss_never_forms_the_logits(tmp_path, monkeypatch):
     """Issue 20 row 16: training on chunked never formed the (B, T, V) logits, validation did."""
     cfg = load_recipe(SMOKE_RECIPE, overrides(tmp_path / "run", *FAST, "criterion.implementation='chunked'"))
-    run = setup(cfg, resume=False)
+    trainer = set_up(cfg)
+    run = trainer.built
     run.model.eval()
     logs = []
     with torch.no_grad():  # the reference: the projection, then the criterion on the logits
-        for b in run.valid_batches:
+        for b in run.valid.batches:
             out = run.criterion.compute(run.model(b.src, b.tgt_in), b.tgt_out)
             sums = {"loss": float(out.loss), "nll_loss": float(out.nll), "kl": float(out.kl)}
             logs.append({**sums, "ntokens": out.ntokens, "nsentences": len(b.src), "sample_size": out.ntokens})
@@ -313,7 +318,7 @@ def test_chunked_validation_loss_never_forms_the_logits(tmp_path, monkeypatch):
         raise AssertionError(f"the output projection ran on features of shape {tuple(features.shape)}")
 
     monkeypatch.setattr(run.model, "project", no_logits)
-    got = validation_loss(run)
+    got = reduce_metrics(trainer.validation_outputs())
     assert got["ntokens"] == expected["ntokens"] > 0
     for key in ("loss", "nll_loss", "kl", "ppl"):
         assert got[key] == pytest.approx(expected[key], rel=1e-5)

@@ -133,7 +133,7 @@ def first_update(args) -> None:
         pad_id=tok.pad_id,
         label_smoothing=c.label_smoothing,
         smoothing=c.smoothing,
-        fused=c.implementation == "fused",
+        implementation="fused" if c.implementation == "fused" else "reference",
     )
     optimizer = build_optimizer(model, t.lr, t.betas, t.adam_eps, t.weight_decay)
     ddp = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model

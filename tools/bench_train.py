@@ -40,21 +40,25 @@ def child(recipe: str, overrides: list[str], warmup: int, updates: int) -> dict:
     """One configuration: time ``updates`` updates after ``warmup``; the result as a dict."""
     import torch
 
-    from nmt_ls import train as loop
     from nmt_ls.batching import batch_by_tokens
+    from nmt_ls.build import choose_precision, setup
     from nmt_ls.config import load_recipe
+    from nmt_ls.planner import PlanState
+    from nmt_ls.resume import TrainState
+    from nmt_ls.train import Trainer
 
     cfg = load_recipe(recipe, overrides)
-    run = loop.setup(cfg, resume=False)
-    t, tok, data = run.cfg.train, run.tok, run.train_data
+    built = choose_precision(setup(cfg, None), None)
+    trainer = Trainer(built, TrainState(), PlanState(), time.time)
+    t, data = built.cfg.train, built.train_data
     order = batch_by_tokens(data.src_lens, data.tgt_lens, t.max_tokens, seed=t.seed, shuffle=True)
-    batches = [data.batch(idx, tok.pad_id, tok.bos_id, tok.eos_id) for idx in order[: warmup + updates]]
-    run.model.train()
-    for batch in batches[:warmup]:
-        loop.train_step(run, [batch])
+    samples = [trainer.sample(idx) for idx in order[: warmup + updates]]
+    built.model.train()
+    for sample in samples[:warmup]:
+        trainer.train_step([sample])
     start, tokens = time.perf_counter(), 0.0
-    for batch in batches[warmup:]:
-        tokens += loop.train_step(run, [batch])["ntokens"]
+    for sample in samples[warmup:]:
+        tokens += trainer.train_step([sample])["ntokens"]
     seconds = time.perf_counter() - start
     return {
         "amp": t.amp,

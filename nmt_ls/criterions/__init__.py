@@ -52,6 +52,7 @@ def import_user_module(module: str) -> None:
 from nmt_ls.criterions import label_smoothed  # noqa: E402,F401
 from nmt_ls.criterions.functional import (  # noqa: E402,F401
     LossOutput,
+    LossSpec,
     label_smoothed_cross_entropy,
     label_smoothed_nll_loss,
 )

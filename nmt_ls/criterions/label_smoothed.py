@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from nmt_ls.criterions import register_criterion
-from nmt_ls.criterions.functional import LossOutput, check_smoothing, label_smoothed_cross_entropy
+from nmt_ls.criterions.functional import LossOutput, LossSpec, check_smoothing, label_smoothed_cross_entropy
 from nmt_ls.criterions.fused import chunked_linear_cross_entropy, fused_label_smoothed_cross_entropy
+
+# How the loss is computed; the same values and gradients each way (see the criterion's docstring)
+IMPLEMENTATIONS = ("reference", "fused", "chunked")
 
 
 def safe_exp(x: float) -> float:
@@ -34,8 +38,11 @@ class LabelSmoothedCrossEntropyCriterion(nn.Module):
         ignore_prefix_size (int): leading target positions left out (e.g. language tags).
         report_accuracy (bool): add ``n_correct``/``total`` to the logging output.
         sentence_avg (bool): normalise by sentences instead of target tokens.
-        fused (bool): compute from logits with the one-pass fused kernel (same values and
-            gradients, one logits-sized buffer instead of about three).
+        implementation (str): how the loss is computed, with the same values and gradients:
+            ``reference`` (from the log-softmax), ``fused`` (one pass over the logits: one
+            logits-sized buffer instead of about three) or ``chunked`` (from the decoder
+            features, chunk by chunk: no logits at all; the model is called with
+            ``features_only=True`` and must have an ``output_weight``).
     """
 
     default_smoothing = "others"
@@ -48,7 +55,7 @@ class LabelSmoothedCrossEntropyCriterion(nn.Module):
         ignore_prefix_size: int = 0,
         report_accuracy: bool = False,
         sentence_avg: bool = False,
-        fused: bool = False,
+        implementation: str = "reference",
     ):
         super().__init__()
         self.smoothing = check_smoothing(label_smoothing, smoothing or self.default_smoothing)
@@ -57,15 +64,17 @@ class LabelSmoothedCrossEntropyCriterion(nn.Module):
         self.ignore_prefix_size = ignore_prefix_size
         self.report_accuracy = report_accuracy
         self.sentence_avg = sentence_avg
-        self.fused = fused
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}")
+        self.implementation = implementation
 
     def compute(self, logits: Tensor, target: Tensor, reduction: str = "sum") -> LossOutput:
         """Loss terms for decoder outputs ``logits`` (B, T, V) against ``target`` (B, T)."""
         if self.ignore_prefix_size > 0:
             logits = logits[..., self.ignore_prefix_size :, :]
             target = target[..., self.ignore_prefix_size :]
-        loss_fn = fused_label_smoothed_cross_entropy if self.fused else label_smoothed_cross_entropy
-        return loss_fn(logits, target, self.eps, self.pad_id, self.smoothing, reduction)
+        loss_fn = fused_label_smoothed_cross_entropy if self.implementation == "fused" else label_smoothed_cross_entropy
+        return loss_fn(logits, target, LossSpec(self.eps, self.pad_id, self.smoothing, reduction))
 
     def compute_from_features(
         self, features: Tensor, weight: Tensor, target: Tensor, reduction: str = "sum"
@@ -75,31 +84,55 @@ class LabelSmoothedCrossEntropyCriterion(nn.Module):
         if self.ignore_prefix_size > 0:
             features = features[..., self.ignore_prefix_size :, :]
             target = target[..., self.ignore_prefix_size :]
-        return chunked_linear_cross_entropy(features, weight, target, self.eps, self.pad_id, self.smoothing, reduction)
+        spec = LossSpec(self.eps, self.pad_id, self.smoothing, reduction)
+        return chunked_linear_cross_entropy(features, weight, target, spec)
 
     def training_loss(self, out: LossOutput) -> Tensor:
         """The term to backpropagate."""
         return out.loss
 
-    def forward(self, model: nn.Module, sample: dict, reduce: bool = True):
-        logits = model(**sample["net_input"])  # (B, T, V)
+    def sample_size(self, sample: dict) -> int:
+        """The sample's share of the loss's denominator: its target tokens that the loss counts,
+        or its sentences with ``sentence_avg``. Known before the forward pass, so that a
+        training step can scale the loss by the whole update's (all workers') size."""
         target = sample["target"]  # (B, T)
-        out = self.compute(logits, target, "sum" if reduce else "none")
+        if self.sentence_avg:
+            return int(sample.get("nsentences", target.size(0)))
+        return int(target[..., self.ignore_prefix_size :].ne(self.pad_id).sum())
+
+    def forward(self, model: nn.Module, sample: dict, reduce: bool = True):
+        """Run ``model`` on ``sample["net_input"]``; returns ``(loss, sample_size, logging_output)``:
+        the loss to backpropagate (summed; per token with ``reduce=False``), its denominator, and
+        sums for :func:`reduce_metrics`. Under autocast the model runs in the autocast precision
+        and the loss in the precision of the model's outputs."""
+        target = sample["target"]  # (B, T)
+        logits, out = self._loss_terms(model, sample["net_input"], target, "sum" if reduce else "none")
         loss = self.training_loss(out)
         nsentences = sample.get("nsentences", target.size(0))
-        sample_size = nsentences if self.sentence_avg else out.ntokens
         logging_output = {
             "loss": float(loss.detach().sum()),
             "nll_loss": float(out.nll.detach().sum()),
             "kl": float(out.kl.detach().sum()),
             "ntokens": out.ntokens,
             "nsentences": nsentences,
-            "sample_size": sample_size,
+            "sample_size": nsentences if self.sentence_avg else out.ntokens,
         }
-        if self.report_accuracy:
-            n_correct, total = self.accuracy(logits, target)
+        if self.report_accuracy and logits is not None:
+            n_correct, total = self.accuracy(logits.detach(), target)
             logging_output.update(n_correct=n_correct, total=total)
-        return loss, sample_size, logging_output
+        return loss, logging_output["sample_size"], logging_output
+
+    def _loss_terms(self, model: nn.Module, net_input: dict, target: Tensor, reduction: str):
+        """(logits or None, LossOutput): ``chunked`` asks the model for its decoder features and
+        projects them chunk by chunk; the others take its logits."""
+        if self.implementation == "chunked":
+            features = model(**net_input, features_only=True)  # (B, T, D)
+            weight = getattr(model, "module", model).output_weight  # (V, D); DDP keeps the model as .module
+            with torch.autocast(target.device.type, enabled=False):
+                return None, self.compute_from_features(features, weight, target, reduction)
+        logits = model(**net_input)  # (B, T, V)
+        with torch.autocast(target.device.type, enabled=False):
+            return logits, self.compute(logits, target, reduction)
 
     def accuracy(self, logits: Tensor, target: Tensor) -> tuple[int, int]:
         """(correct argmax predictions, non-pad tokens)."""

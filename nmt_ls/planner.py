@@ -1,0 +1,273 @@
+"""The time planner: a budget of minutes becomes a number of updates for a wsd schedule.
+
+A :class:`Planner` is given a clock, the schedule and a decoding probe. The loop tells it of each
+update, validation, save and epoch start; from the update rate measured over each window of
+``plan_window_updates`` updates, the seconds of a validation and the test decoding still to come,
+it fixes the total updates (:func:`plan_total_updates`) whose cooldown ends inside the budget, and
+it says when the time is up. Its state (:class:`PlanState`) is saved flat in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# A plan aims at this share of train.max_minutes (less the test decoding's reserve), so that the
+# estimates may be off a little and the run still ends inside the budget; past the budget it stops,
+# cooldown done or not. A new plan replaces the one in force when it moves by more than PLAN_SLACK.
+PLAN_TARGET, PLAN_SLACK = 0.97, 0.005
+# Seconds kept after test decoding for loading the best checkpoint, scoring and the plot.
+RUN_TAIL_S = 20.0
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When validations come: every ``every`` updates (0: not by count), at each epoch end (the
+    next at update ``next_epoch_end``, then every ``epoch_updates``; 0: none), and after the last
+    update unless one came there already (or at ``validated_at``)."""
+
+    every: int = 0
+    epoch_updates: int = 0
+    next_epoch_end: int = 0
+    validated_at: int = -1
+
+    def count(self, done: int, total: int) -> int:
+        """Validations after update ``done`` up to and including update ``total``."""
+        at = set()
+        if self.every > 0:
+            at.update(range((done // self.every + 1) * self.every, total + 1, self.every))
+        if self.epoch_updates > 0:
+            first = self.next_epoch_end
+            if first <= done:
+                first += (done - first) // self.epoch_updates * self.epoch_updates + self.epoch_updates
+            at.update(range(first, total + 1, self.epoch_updates))
+        final = total not in at and total != self.validated_at
+        return len(at) + final
+
+
+def plan_total_updates(
+    seconds_left: float,
+    per_update_s: float,
+    updates_done: int,
+    cadence: Cadence = Cadence(),
+    validation_s: float = 0.0,
+    max_total: int | None = None,
+) -> int:
+    """The total number of updates that fits a time budget, from a measured update rate.
+
+    The result is ``d + n`` (``d = updates_done``) for the largest ``n >= 0`` with::
+
+        n * per_update_s + cadence.count(d, d + n) * validation_s <= seconds_left
+
+    capped at ``max_total`` (e.g. where ``train.max_epochs`` ends the run). ``seconds_left`` is
+    what the budget leaves once the time so far and what follows training (test decoding) are
+    taken off. If not even ``n = 0`` fits, the result is ``d``.
+
+    Raises:
+        ValueError: a rate, a time or a count is not positive where it must be.
+    """
+    if per_update_s <= 0:
+        raise ValueError(f"the measured seconds per update must be > 0, got {per_update_s}")
+    if min(updates_done, validation_s) < 0:
+        raise ValueError(f"updates_done and validation_s must be >= 0, got {updates_done}, {validation_s}")
+
+    def cost(n: int) -> float:
+        return n * per_update_s + cadence.count(updates_done, updates_done + n) * validation_s
+
+    if cost(0) > seconds_left:
+        return updates_done
+    lo, hi = 0, int(max(seconds_left, 0.0) / per_update_s) + 1  # cost(lo) <= left < cost(hi): cost(n) >= n * s_u
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if cost(mid) <= seconds_left else (lo, mid)
+    total = updates_done + lo
+    return total if max_total is None else max(updates_done, min(total, max_total))
+
+
+@dataclass(frozen=True)
+class Runway:
+    """What is left of the run in updates, as the loop sees it when the plan is fixed."""
+
+    done: int  # updates done
+    epoch_left: int  # updates left in the current epoch
+    per_epoch: int  # updates in a whole epoch
+    epochs_after: int  # whole epochs after the current one that train.max_epochs allows
+    every: int = 0  # train.validate_every_updates
+    validated_at: int = -1  # update of the last validation
+
+    @property
+    def cadence(self) -> Cadence:
+        return Cadence(self.every, self.per_epoch, self.done + self.epoch_left, self.validated_at)
+
+    @property
+    def max_total(self) -> int:
+        """The update at which train.max_epochs ends the run."""
+        return self.done + self.epoch_left + self.epochs_after * self.per_epoch
+
+
+@dataclass
+class PlanState:
+    """What the planner has measured and fixed; saved flat in every checkpoint."""
+
+    elapsed: float = 0.0  # seconds of the run so far: set-up, updates, validations (of every process)
+    planned_updates: int = 0  # the total fixed from the measured update rate (0: not yet)
+    update_s: float = 0.0  # seconds per update over the last timed window (0: not measured yet)
+    validation_s: float = 0.0  # seconds of the last validation with its saves (0: not measured yet)
+    greedy_s: float = 0.0  # seconds per sentence of greedy decoding, at the last validation or probe
+    beam_ratio: float = 0.0  # beam decoding's seconds over greedy's on the same sentences
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The time a run may take and how its schedule is planned in it (``train.*`` settings)."""
+
+    max_minutes: float = 0.0  # 0: no time limit
+    planning: bool = False  # wsd without a pinned max_updates: the total is planned from the budget
+    window_updates: int = 20  # train.plan_window_updates
+    warmup_steps: int = 0  # the recipe's warmup, at most max_warmup_fraction of the planned run
+    max_warmup_fraction: float = 0.1
+    test_sentences: int = 0  # sentences decoded after training (`nmt-ls run`): their time is reserved
+
+    @classmethod
+    def of(cls, train, test_sentences: int = 0) -> Budget:
+        """The budget of a ``TrainConfig``."""
+        planning = train.lr_scheduler == "wsd" and train.max_updates <= 0 and train.max_minutes > 0
+        fields = ("max_minutes", "warmup_steps", "max_warmup_fraction")
+        kw = {name: getattr(train, name) for name in fields}
+        return cls(planning=planning, window_updates=train.plan_window_updates, test_sentences=test_sentences, **kw)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Decoding speed measured before the first validation (see :meth:`Planner.plan`)."""
+
+    greedy_s: float  # seconds per sentence, greedy
+    beam_ratio: float  # beam search's seconds over greedy's
+    validation_s: float  # seconds of a validation (0: not measured)
+
+
+class Planner:
+    """Plans a wsd schedule's total updates from a time budget, measured on the clock.
+
+    Args:
+        budget (Budget): the minutes and the planning settings.
+        scheduler: the run's lr schedule; a plan is fixed with ``set_total_updates`` (wsd only).
+        state (PlanState): measurements and plan so far (a resumed run's from its checkpoint).
+        clock (callable): seconds now, e.g. ``time.time``; tests pass a fake one.
+        probe (callable): ``probe(need_validation) -> Probe``, decoding a few sentences.
+        world: ``broadcast`` (rank 0's value on every worker) and ``any`` (a flag on every worker).
+    """
+
+    def __init__(self, budget: Budget, scheduler, state: PlanState, clock: Callable[[], float], probe, world):
+        self.budget, self.scheduler, self.state = budget, scheduler, state
+        self.clock, self.probe, self.world = clock, probe, world
+        self.origin = clock() - state.elapsed  # when the run, all its processes together, started
+        self.window_updates, self.window_s = 0, 0.0
+        self.skip = 1  # the first update of a process is not timed (allocations, kernel choice)
+        self.save_s = 0.0  # seconds of one checkpoint save, the last measured
+        self.refit = False  # resumed with another budget: the next plan re-fits the schedule
+
+    def start(self, started: float) -> None:
+        """The budget counts from ``started`` (the command's start, on the clock), set-up included."""
+        self.origin = started - self.state.elapsed
+
+    def tick(self) -> float:
+        """Seconds of the run so far (also kept in the state)."""
+        self.state.elapsed = self.clock() - self.origin
+        return self.state.elapsed
+
+    def reserve_s(self) -> float:
+        """Seconds kept for decoding the test set greedy and with beam search after training."""
+        s = self.state
+        if not self.budget.test_sentences:
+            return 0.0
+        return self.budget.test_sentences * s.greedy_s * (1 + s.beam_ratio) + RUN_TAIL_S
+
+    def deadline_s(self) -> float:
+        """Seconds into the run by which training must have stopped (inf without a budget)."""
+        return 60 * self.budget.max_minutes - self.reserve_s() if self.budget.max_minutes > 0 else math.inf
+
+    def time_up(self) -> bool:
+        """Is the deadline past (on any worker)?"""
+        return self.world.any(self.state.elapsed >= self.deadline_s())
+
+    def on_update(self, seconds: float, runway: Runway) -> None:
+        """One update took ``seconds``: when the window is full, its rate becomes the run's (rank
+        0's on every worker) and the plan is fixed again."""
+        if self.skip:
+            self.skip -= 1
+            return
+        self.window_updates, self.window_s = self.window_updates + 1, self.window_s + seconds
+        if self.window_updates >= self.budget.window_updates:
+            self.state.update_s = self.world.broadcast(self.window_s / self.window_updates)
+            self.window_updates, self.window_s = 0, 0.0
+            self.plan(runway)
+
+    def on_validation(self, seconds: float, greedy_s: float, runway: Runway) -> None:
+        """A validation took ``seconds`` and decoded at ``greedy_s`` a sentence (rank 0's)."""
+        seconds, self.state.greedy_s = self.world.broadcast((seconds, greedy_s))
+        self.state.validation_s = seconds + self.save_s
+        self.plan(runway)
+
+    def on_save(self, seconds: float) -> None:
+        """One checkpoint save took ``seconds``."""
+        self.save_s = seconds
+
+    def plan(self, runway: Runway) -> None:
+        """Fix the total updates whose cooldown ends at ``PLAN_TARGET`` of the budget, less the
+        test decoding's reserve, from the last measured rate (validations to come counted; capped
+        where ``max_epochs`` ends the run). A plan that moves by more than ``PLAN_SLACK`` replaces
+        the one in force (from the lr of now if its cooldown has begun). The first plan also sizes
+        the warmup: at most ``max_warmup_fraction`` of the run. Every worker takes rank 0's plan."""
+        s, b = self.state, self.budget
+        if not b.planning or s.update_s <= 0:
+            return
+        self.tick()
+        if not s.validation_s or (b.test_sentences and not s.beam_ratio):
+            self.measure_decoding()
+        seconds_left = PLAN_TARGET * 60 * b.max_minutes - self.reserve_s() - s.elapsed
+        total = plan_total_updates(
+            seconds_left, s.update_s, runway.done, runway.cadence, s.validation_s, runway.max_total
+        )
+        total = self.world.broadcast(total)
+        if s.planned_updates and abs(total - s.planned_updates) <= PLAN_SLACK * s.planned_updates and not self.refit:
+            return
+        self.fix(total, runway.done)
+
+    def measure_decoding(self) -> None:
+        """Decoding speed (and a validation's seconds, if none was measured) from the probe."""
+        s = self.state
+        probe = self.world.broadcast(self.probe(not s.validation_s))
+        s.greedy_s, s.beam_ratio = probe.greedy_s, probe.beam_ratio
+        s.validation_s = probe.validation_s or s.validation_s
+
+    def fix(self, total: int, done: int) -> None:
+        """Set the schedule's total (and on the first plan its warmup) and log the plan."""
+        s, sched = self.state, self.scheduler
+        cooldown_start = total - round(sched.cooldown_fraction * total)
+        if s.planned_updates:
+            warmup = min(sched.warmup_steps, cooldown_start)
+        else:
+            fraction = round(self.budget.max_warmup_fraction * total)
+            warmup = min(self.budget.warmup_steps, max(done + 1, fraction), cooldown_start)
+        sched.set_total_updates(total, max(warmup, 0), refit=self.refit)
+        first, s.planned_updates, self.refit = not s.planned_updates, total, False
+        log.info(
+            "wsd %s: %d updates in train.max_minutes=%g (%.3f s per update, %.1f s per validation, %.0f s "
+            "kept for test decoding); warmup %d, cooldown from update %d; pin it with train.max_updates=%d "
+            "train.warmup_steps=%d",
+            "plan" if first else "re-plan",
+            total,
+            self.budget.max_minutes,
+            s.update_s,
+            s.validation_s,
+            self.reserve_s(),
+            sched.warmup_steps,
+            sched.cooldown_start,
+            total,
+            sched.warmup_steps,
+        )

@@ -1,0 +1,149 @@
+"""What the loop advances and saves, and ``--resume``: :class:`TrainState` (with the planner's
+:class:`~nmt_ls.planner.PlanState`) is saved flat in every checkpoint; :func:`restore` loads a
+checkpoint's states into a fresh set-up and applies what the recipe changed in the schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nmt_ls import checkpoint
+from nmt_ls.config import DROPOUTS, RunConfig, differences, to_dict
+from nmt_ls.optim import WarmupStableDecay
+from nmt_ls.planner import Budget, PlanState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint, so ``--resume`` continues exactly."""
+
+    update: int = 0
+    epoch: int = 0  # finished epochs
+    # the current epoch's batches trained on by all workers together: the next update starts at
+    # this index of the epoch's batch order, which is the same for any number of workers
+    global_batch: int = 0
+    best: float | None = None  # best validation value (BLEU, or -ppl)
+    bad_validations: int = 0  # validations in a row without improvement
+    validated_at: int = -1  # update of the last validation
+
+
+def saved_states(state: TrainState, plan: PlanState) -> dict:
+    """The two states as the checkpoint keeps them: flat, one key per field."""
+    return {**dataclasses.asdict(state), **dataclasses.asdict(plan)}
+
+
+def load_last(cfg: RunConfig) -> dict:
+    """The checkpoint that ``--resume`` continues from, after checking that the recipe's tokenizer
+    and model are its own (dropout may change); an error naming the file or the keys otherwise."""
+    path = Path(cfg.out_dir) / "checkpoint_last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--resume: no checkpoint to resume from: {path} (the run stopped before its first save?); "
+            "run without --resume to start anew"
+        )
+    ckpt = checkpoint.load(path)
+    for section in ("tokenizer", "model"):
+        differ = differences(section, to_dict(getattr(cfg, section)), ckpt["config"][section], DROPOUTS)
+        if differ:
+            raise ValueError(
+                f"--resume: the recipe's {section} differs from the checkpoint's: "
+                + ", ".join(f"{key}={ours!r} (checkpoint: {theirs!r})" for key, ours, theirs in differ)
+                + "; resume with the same recipe or start a new out_dir"
+            )
+    return ckpt
+
+
+def restore(built, ckpt: dict | None) -> tuple[TrainState, PlanState, bool]:
+    """(training state, plan state, whether the plan must be re-fitted) to start from: a fresh
+    run's (its old log removed), or ``ckpt``'s with the model, optimizer, schedule and RNG states
+    loaded into ``built`` and the log cut at its update."""
+    world, log_path = built.world, built.out_dir / "train_log.jsonl"
+    if ckpt is None:
+        if world.is_main and log_path.exists():
+            log_path.unlink()
+        return TrainState(), PlanState(), False
+    checkpoint.restore_training(ckpt, built.model, built.optimizer, built.scheduler, world.rank, world.world_size)
+    state = TrainState(**_fields(TrainState, ckpt))
+    plan = PlanState(**_fields(PlanState, ckpt))
+    saved_by = len(ckpt["rng"]) if isinstance(ckpt["rng"], list) else 1  # the workers that saved it
+    if "batch_index" in ckpt:  # before global_batch: each of the saved_by workers' batches, as many each
+        state.global_batch = ckpt["batch_index"] * saved_by
+    if world.is_main:
+        truncate_log(log_path, state.update)
+        log.info(
+            "resumed at update %d (epoch %d, batch %d of the epoch; saved by %d worker(s), %d now)",
+            state.update,
+            state.epoch,
+            state.global_batch,
+            saved_by,
+            world.world_size,
+        )
+    return state, plan, apply_schedule_changes(built, ckpt["config"]["train"], state.update)
+
+
+def _fields(cls, ckpt: dict) -> dict:
+    return {f.name: ckpt[f.name] for f in dataclasses.fields(cls) if f.name in ckpt}
+
+
+def apply_schedule_changes(built, old: dict, update: int) -> bool:
+    """On ``--resume``, apply what the recipe changed in the schedule: the peak and end lrs, and
+    a pinned wsd ``max_updates`` (the cooldown re-fitted to end there; from the lr of now if it
+    had begun). Returns whether a changed ``max_minutes`` must re-fit the plan."""
+    t, sched = built.cfg.train, built.scheduler
+    if (t.lr, t.end_lr) != (old["lr"], old["end_lr"]):
+        if isinstance(sched, WarmupStableDecay):
+            sched.set_peak(t.lr, t.end_lr)
+        else:
+            sched.base_lrs = [t.lr for _ in sched.base_lrs]
+            for group, lr in zip(built.optimizer.param_groups, sched.get_lr()):
+                group["initial_lr"], group["lr"] = t.lr, lr
+        log.info(
+            "--resume: train.lr %g -> %g and train.end_lr %g -> %g applied; the schedule goes on from update %d",
+            old["lr"],
+            t.lr,
+            old["end_lr"],
+            t.end_lr,
+            update,
+        )
+    if isinstance(sched, WarmupStableDecay) and t.max_updates > 0 and t.max_updates != sched.total_updates:
+        sched.set_total_updates(t.max_updates, refit=True)
+        log.info(
+            "--resume: the wsd schedule now ends at train.max_updates=%d (was %d); cooldown from update %d",
+            t.max_updates,
+            old["max_updates"],
+            sched.cooldown_start,
+        )
+    if Budget.of(t).planning and t.max_minutes != old["max_minutes"]:
+        log.info("--resume: train.max_minutes %g -> %g: the plan is fixed again", old["max_minutes"], t.max_minutes)
+        return True
+    return False
+
+
+def truncate_log(path: Path, update: int) -> None:
+    """On resume: keep only log records up to the checkpoint's update (rewritten atomically).
+    A torn last line (a crash in the middle of writing it) is dropped with a warning; any other
+    line that is not a JSON record is an error naming the file and line."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line else None
+        except json.JSONDecodeError as e:
+            if lineno < len(lines):
+                raise ValueError(f"{path}:{lineno}: not a JSON record ({e})") from None
+            log.warning("%s:%d: dropped a torn last line (%s): %r", path, lineno, e, line)
+            continue
+        if record is not None and record["update"] <= update:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)

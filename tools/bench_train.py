@@ -9,6 +9,13 @@ the same batches for every configuration. Printed: the CPU (model, torch's capab
 bf16 or not), fp32 matmul GFLOP/s on the run's threads, and per configuration target tokens/s,
 seconds per update, peak RSS and tokens/s as a ratio of float32's in the same run.
 
+``--variant NAME=k=v,k=v`` (repeatable) measures instead a ladder of model sizes in float32
+against the recipe as it is (the first row), natively and as an AVX2 machine without AVX-512
+would run it (``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2``),
+and prints each variant's update count at the budgets of issue 27 (updates of the recipe's own
+model: slow 440, mid 1,900, fast 2,700) scaled by the smaller of its two speed-ups. A variant
+that changes ``tokenizer.*`` gets a tokenizer and binarized data of its own (``OUT-<setting>``).
+
 ``--wait-policy`` measures instead the OpenMP wait policy (libgomp's default spin-then-sleep,
 run with the variable unset, vs ``OMP_WAIT_POLICY=PASSIVE``, which nmt-ls sets) in float32,
 alone and next to one busy process.
@@ -84,6 +91,46 @@ def run_child(args, overrides: list[str], env: dict | None = None, neighbour: bo
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+BUDGETS = {"slow": 440, "mid": 1900, "fast": 2700}
+
+
+def variant_overrides(spec: str, out: str) -> tuple[str, list[str]]:
+    """``NAME=k=v,k=v`` -> (NAME, overrides), with an out_dir of its own where the tokenizer changes."""
+    name, _, rest = spec.partition("=")
+    overrides = [kv for kv in rest.split(",") if kv]
+    tok = [kv.split("=", 1)[1] for kv in overrides if kv.startswith("tokenizer.")]
+    out_dir = out + "".join(f"-{v}" for v in tok)
+    return name, [*overrides, f"out_dir={out_dir!r}", "train.num_threads='auto'", "train.amp='none'"]
+
+
+def run_ladder(args) -> None:
+    """Each variant in float32, natively and as AVX2, against the recipe as it is (the first row)."""
+    specs = ["recipe=", *args.variant]
+    rows = []
+    for spec in specs:
+        name, overrides = variant_overrides(spec, args.out)
+        native = run_child(args, [*args.overrides, *overrides])
+        avx2 = run_child(args, [*args.overrides, *overrides], AVX2)
+        rows.append((name, spec.partition("=")[2], native, avx2))
+    ref_native, ref_avx2 = rows[0][2]["s_per_update"], rows[0][3]["s_per_update"]
+    print(f"\n{args.recipe} {' '.join(args.overrides)}: float32, {args.updates} timed updates after {args.warmup}")
+    print(
+        "| variant | overrides | s/update | x recipe | s/update AVX2 | x recipe AVX2 | peak RSS MB | "
+        + " | ".join(f"updates at {k} ({v})" for k, v in BUDGETS.items())
+        + " |"
+    )
+    print("|---" * (7 + len(BUDGETS)) + "|")
+    for name, spec, native, avx2 in rows:
+        speedup = min(ref_native / native["s_per_update"], ref_avx2 / avx2["s_per_update"])
+        counts = " | ".join(f"{round(b * speedup)}" for b in BUDGETS.values())
+        print(
+            f"| {name} | {spec or '-'} | {native['s_per_update']:.3f} | {ref_native / native['s_per_update']:.2f} | "
+            f"{avx2['s_per_update']:.3f} | {ref_avx2 / avx2['s_per_update']:.2f} | "
+            f"{max(native['peak_rss_mb'], avx2['peak_rss_mb']):.0f} | {counts} |"
+        )
+
+
 def machine_line() -> str:
     import torch
 
@@ -105,6 +152,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed updates first")
     p.add_argument("--out", default="runs/bench_train", help="out_dir: the tokenizer and binarized data")
     p.add_argument("--wait-policy", action="store_true", help="measure the OpenMP wait policy instead")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=k=v,k=v",
+        help="a model size to measure against the recipe (float32, native and AVX2); repeatable",
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     base = [*args.overrides, f"out_dir={args.out!r}", "train.num_threads='auto'"]
@@ -112,6 +166,9 @@ def main() -> None:
         print(json.dumps(child(args.recipe, args.overrides, args.warmup, args.updates)))
         return
     print(machine_line())
+    if args.variant:
+        run_ladder(args)
+        return
     import torch
 
     from nmt_ls.hardware import native_bf16

@@ -21,6 +21,7 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import errno
 import json
 import logging
 import sys
@@ -34,6 +35,39 @@ from nmt_ls.prepare import PrepareError
 
 log = logging.getLogger("nmt_ls")
 BAD_INPUT = (FileNotFoundError, FileExistsError, ValueError, CheckpointError, PrepareError, MissingExtra)
+
+
+def error_line(e: Exception) -> str | None:
+    """What the user reads for ``e``, in one line: for a file operation that failed, the path and
+    why (``out.de: Is a directory``); for bad input, its message; None for anything else (a bug,
+    shown with its traceback)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        paths = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
+        return f"{paths}: {e.strerror}"
+    return str(e) if isinstance(e, BAD_INPUT) else None
+
+
+def check_writable(path: str | Path, folder: bool = False) -> Path:
+    """``path``, once it is clear, before any work, that a file (with ``folder``: a folder to
+    write in) can be written there: it is not a folder (not a file), and the nearest folder that
+    exists at or above it is one this process may write in (the writers make the folders
+    between); else the OSError that the write would end in."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise path_error(errno.ENOTDIR if folder else errno.EISDIR, path)
+    above = path.absolute() if folder else path.absolute().parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise path_error(errno.ENOTDIR, above)
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise path_error(errno.EACCES, above)
+    return path
+
+
+def path_error(code: int, path: Path) -> OSError:
+    """The OSError of ``errno`` ``code`` for ``path`` (OSError picks the subclass from the code)."""
+    return OSError(code, os.strerror(code), str(path))
 
 
 def _setup_logging(out_dir: Path | None = None) -> None:
@@ -62,7 +96,7 @@ def cmd_train(args) -> dict:
 
     started = time.time()
     cfg = load_recipe(args.recipe, args.overrides)
-    _setup_logging(Path(cfg.out_dir))
+    _setup_logging(check_writable(cfg.out_dir, folder=True))
     return train(cfg, resume=args.resume, started=started)
 
 
@@ -77,7 +111,7 @@ def cmd_binarize(args) -> int:
     cfg = load_recipe(args.recipe, args.overrides)
     check_config(cfg)
     _setup_logging()
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    check_writable(cfg.out_dir, folder=True).mkdir(parents=True, exist_ok=True)
     corpus = open_corpus(cfg.data)
     tok = load_tokenizer(cfg, World(0, 1, resolve_device("cpu")), None, corpus)
     for name, pairs in binarize_recipe(cfg, corpus, tok.model_path, num_workers=args.workers).items():
@@ -95,7 +129,7 @@ def cmd_run(args) -> int:
 
     start = time.time()
     cfg = load_recipe(args.recipe, args.overrides)
-    out_dir = Path(cfg.out_dir)
+    out_dir = check_writable(cfg.out_dir, folder=True)
     _setup_logging(out_dir)
     summary = train(cfg, resume=args.resume, started=start, test_split=True)
     if not is_main_process():  # under torchrun, rank 0 alone decodes the test split, writes and prints
@@ -130,6 +164,8 @@ def cmd_translate(args) -> int:
     from nmt_ls.evaluate import read_lines, split_lines, write_lines
 
     _setup_logging()
+    if args.output != "-":
+        check_writable(args.output)
     if args.engine == "ctranslate2":
         from nmt_ls import ct2
 
@@ -184,7 +220,7 @@ def cmd_plot(args) -> int:
 def cmd_average(args) -> int:
     from nmt_ls.checkpoint import atomic_save, average_checkpoints
 
-    atomic_save(average_checkpoints(args.checkpoints), args.out)
+    atomic_save(average_checkpoints(args.checkpoints), check_writable(args.out))
     print(args.out)
     return 0
 
@@ -289,8 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
-    except BAD_INPUT as e:  # bad input: one line, no traceback
-        print(f"nmt-ls {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:  # bad input or a path that cannot be used: one line, no traceback
+        line = error_line(e)
+        if line is None:
+            raise
+        print(f"nmt-ls {args.command}: error: {line}", file=sys.stderr)
         return 2
     finally:  # the command's process group and log handlers end with it (main() may be called again)
         import torch.distributed as dist

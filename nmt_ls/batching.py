@@ -57,10 +57,14 @@ class TokenBudget:
     Attributes:
         max_tokens (int): padded positions (``len(batch) * max size``).
         max_sentences (int | None): examples. Default: no cap.
+        over_budget_alone (bool): an example larger than ``max_tokens`` gets a batch of its own
+            (decoding, as CTranslate2's token batches and fairseq's example-at-a-time batching
+            do) instead of an error (training, where the budget bounds the memory). Default: False
     """
 
     max_tokens: int
     max_sentences: int | None = None
+    over_budget_alone: bool = False
 
 
 def batch_by_tokens(
@@ -92,8 +96,8 @@ def batch_by_tokens(
         list of batches, each a 1-D int64 array of example indices.
     Raises:
         ValueError: an example does not fit into ``max_tokens`` on its own (filter
-            long sentences first, e.g. with ``data.PairFilter(max_len=...)``), or a length
-            is negative.
+            long sentences first, e.g. with ``data.PairFilter(max_len=...)``; with
+            ``TokenBudget(over_budget_alone=True)`` it is batched alone), or a length is negative.
     """
     budget = max_tokens if isinstance(max_tokens, TokenBudget) else TokenBudget(max_tokens)
     src_lens, tgt_lens, sizes = _sizes(src_lens, tgt_lens, budget)
@@ -127,7 +131,7 @@ def _sizes(src_lens, tgt_lens, budget: TokenBudget) -> tuple[np.ndarray, np.ndar
         raise ValueError(f"lengths must be >= 0, got src min {src_lens.min()}, tgt min {tgt_lens.min()}")
     sizes = np.maximum(src_lens, tgt_lens + 1)
     too_big = np.flatnonzero(sizes > max_tokens)
-    if too_big.size:
+    if too_big.size and not budget.over_budget_alone:
         i = int(too_big[0])
         raise ValueError(
             f"{too_big.size} example(s) exceed max_tokens={max_tokens} on their own, e.g. index {i} "
@@ -156,8 +160,9 @@ def _pack(sorted_sizes: np.ndarray, max_tokens: int, max_sentences: int | None) 
     max_tokens`` (the newest example is the largest so far). The product grows with ``k``, so
     the batch is the longest prefix of ``sorted_sizes[j : j + max_tokens // sorted_sizes[j]]``
     that satisfies it. Inside a run of one size ``v`` the batches are simply
-    ``min(max_tokens // v, max_sentences)`` long; only a batch that reaches past its run needs
-    that search, so the loop runs once per distinct size.
+    ``min(max_tokens // v, max_sentences)`` long (1 where ``v > max_tokens``: an example over the
+    budget, which only ``TokenBudget.over_budget_alone`` lets through, goes alone); only a batch
+    that reaches past its run needs that search, so the loop runs once per distinct size.
     """
     n = len(sorted_sizes)
     cap = n if max_sentences is None else max_sentences
@@ -167,7 +172,7 @@ def _pack(sorted_sizes: np.ndarray, max_tokens: int, max_sentences: int | None) 
     for run_end in run_ends.tolist():
         if j >= run_end:  # a previous batch reached past this run
             continue
-        step = min(max_tokens // int(sorted_sizes[j]), cap)
+        step = max(1, min(max_tokens // int(sorted_sizes[j]), cap))
         whole = (run_end - j) // step  # batches that end inside the run
         ends.append(j + step * np.arange(1, whole + 1))
         j += step * whole

@@ -28,37 +28,56 @@ class ConfigError(ValueError):
 
 
 class Yaml12Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with the booleans and floats of YAML 1.2's core schema: PyYAML
-    follows YAML 1.1, where ``5e-4`` (no dot) is a string and ``no``, ``off`` are booleans."""
+    """PyYAML's safe loader with the plain scalars of YAML 1.2's core schema: PyYAML follows YAML
+    1.1, where ``5e-4`` (no dot) is a string, ``no`` and ``off`` are booleans, ``010`` is 8,
+    ``1_000`` is 1000, ``1:30`` is 90 and ``2024-01-01`` is a date. Here ``010`` is 10, ``0o10``
+    8, ``0x10`` 16, and ``1_000``, ``1:30``, ``2024-01-01`` are strings."""
 
 
-_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_TAG = "tag:yaml.org,2002:"
+_CORE = {  # tag -> (the YAML 1.2 core schema's pattern, the first characters it can match)
+    "bool": (r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    "int": (r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    "float": (
+        r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$",
+        "-+.0123456789",
+    ),
+}
+# PyYAML's null pattern is the core schema's; its merge key (<<) and its guards for !, & and * stay.
+_YAML11_ONLY = {_TAG + name for name in (*_CORE, "timestamp", "value")}
 Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL, _FLOAT)]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML11_ONLY]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-Yaml12Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-Yaml12Loader.add_implicit_resolver(
-    _FLOAT,
-    re.compile(
-        r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
-    ),
-    list("-+.0123456789"),
-)
+for _name, (_pattern, _first) in _CORE.items():  # int before float: "10" is an int
+    Yaml12Loader.add_implicit_resolver(_TAG + _name, re.compile(_pattern), list(_first))
+
+
+def _construct_int(loader: Yaml12Loader, node) -> int:
+    """A core-schema int: decimal (leading zeros allowed), ``0o`` octal or ``0x`` hexadecimal."""
+    value = loader.construct_scalar(node)
+    return int(value, {"0o": 8, "0x": 16}.get(value[:2], 10))
+
+
+Yaml12Loader.add_constructor(_TAG + "int", _construct_int)
 
 
 def parse_value(raw: str):
-    """An override's value: a Python literal, else a YAML 1.2 scalar, else the bare string
+    """An override's value, spelled as in a recipe: a YAML 1.2 number, boolean or null; else a
+    Python literal that is not a number (``(0.9, 0.98)``, ``None``, ``'runs/x'``: Python's
+    ``1_000`` or ``0b11`` stay strings, as they are in a recipe); else the bare string
     (``train.device=cpu``)."""
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        pass
     try:
         value = yaml.load(raw, Loader=Yaml12Loader)
     except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (bool, int, float)) or (value is None and raw.strip()):
+        return value
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
         return raw
-    return value if isinstance(value, (bool, int, float)) or (value is None and raw.strip()) else raw
+    return raw if isinstance(value, (int, float, complex)) and not isinstance(value, bool) else value
 
 
 @dataclass(frozen=True)
@@ -145,7 +164,7 @@ class EvalConfig:
     len_penalty: float = 1.0
     max_len_a: float = 1.2
     max_len_b: int = 10
-    max_tokens: int = 8000  # source tokens per decoding batch
+    max_tokens: int = 8000  # source tokens per decoding batch (a longer sentence is decoded alone)
 
 
 @dataclass(frozen=True)

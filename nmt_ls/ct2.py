@@ -115,12 +115,20 @@ def _spec(model: Seq2Seq, tok: Tokenizer, pre_norm: bool):
     return spec
 
 
+def _replaceable(path: Path) -> bool:
+    """Whether ``path`` is what an export may replace: an export, or an empty folder."""
+    return (path / SETTINGS).is_file() or (path.is_dir() and not any(path.iterdir()))
+
+
 def export(checkpoint: str | Path, out_dir: str | Path, quantization: str = "float32", force: bool = False) -> Path:
     """Write the CTranslate2 model directory ``out_dir`` for ``checkpoint`` with weights in
     ``quantization`` (int8, int8_float32, int16, float16, bfloat16, float32, ...). The directory
-    is built beside ``out_dir`` and renamed into place; an existing one is replaced only with ``force``."""
+    is built beside ``out_dir`` and renamed into place; an existing one is replaced only with
+    ``force``, and only if it is an export or an empty folder (never a file or another folder)."""
     import_ctranslate2()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not _replaceable(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not an nmt-ls export (no {SETTINGS}): not replacing it")
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir} already exists (use --force to replace it)")
     model, tok, cfg = load_for_inference(checkpoint)

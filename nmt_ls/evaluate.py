@@ -67,12 +67,14 @@ def one_line(text: str) -> str:
 
 
 def write_lines(out: str | Path | TextIO, lines: list[str]) -> None:
-    """Write ``lines`` one per line (UTF-8, "\\n" endings) to a path or an open text file; a
-    newline inside a line becomes a space (:func:`one_line`), so line i of the output is
-    ``lines[i]``."""
+    """Write ``lines`` one per line (UTF-8, "\\n" endings) to a path (its folders made) or an open
+    text file; a newline inside a line becomes a space (:func:`one_line`), so line i of the output
+    is ``lines[i]``."""
     text = "".join(one_line(line) + "\n" for line in lines)
     if isinstance(out, (str, Path)):
-        Path(out).write_text(text, encoding="utf-8", newline="\n")
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8", newline="\n")
     else:
         out.write(text)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from nmt_ls.batching import batch_by_tokens, collate
+from nmt_ls.batching import TokenBudget, batch_by_tokens, collate
 from nmt_ls.config import EvalConfig
 from nmt_ls.decode import SearchSpec, beam_search, greedy_search
 from nmt_ls.engines import encode_sources
@@ -25,9 +25,9 @@ def translate(
     """Translate detokenized ``lines`` on the model's device; returns detokenized hypotheses in
     input order.
 
-    Sentences are sorted by length and batched by ``options.max_tokens`` source tokens; beam size 1
-    runs greedy search. Sources longer than the model's positions are cut (with a warning);
-    empty lines stay empty.
+    Sentences are sorted by length and batched by ``options.max_tokens`` source tokens (a sentence
+    over that budget is decoded alone, as CTranslate2 does); beam size 1 runs greedy search.
+    Sources longer than the model's positions are cut (with a warning); empty lines stay empty.
     """
     device = next(model.parameters()).device
     spec = SearchSpec(tok.bos_id, tok.eos_id, tok.pad_id)
@@ -36,7 +36,8 @@ def translate(
     pieces = encode_sources(tok, lines, model.max_positions)
     todo = [i for i, p in enumerate(pieces) if p]
     src_ids = {i: pieces[i] + [tok.eos_id] for i in todo}
-    batches = batch_by_tokens([len(src_ids[i]) for i in todo], [0] * len(todo), options.max_tokens, shuffle=False)
+    budget = TokenBudget(options.max_tokens, over_budget_alone=True)
+    batches = batch_by_tokens([len(src_ids[i]) for i in todo], [0] * len(todo), budget, shuffle=False)
     batches = [[todo[j] for j in batch] for batch in batches]
     hyps: list[str] = [""] * len(lines)
     for idx in tqdm(batches, desc="translate", disable=not progress, unit="batch"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import replace
 from functools import partial
@@ -22,14 +23,17 @@ from nmt_ls.evaluate import corpus_bleu, corpus_chrf, write_lines
 log = logging.getLogger(__name__)
 
 
-def scoring_engine(ckpt_path: str | Path, out_dir: Path, device: torch.device | str = "cpu"):
+def scoring_engine(ckpt_path: str | Path, device: torch.device | str = "cpu"):
     """(engine, precision, translate(lines, options, progress=False)) to decode the test split
     with: on a CPU, CTranslate2 in float32 (our search's ids, about twice as fast) when it is
-    installed and the checkpoint exports to ``out_dir/ct2``; otherwise our torch search."""
+    installed and the checkpoint exports; otherwise our torch search. The export goes to a
+    temporary folder, removed once CTranslate2 has loaded it: the run writes no export of its
+    own and never touches the user's (``out_dir/ct2`` in the README's Deploy)."""
     if torch.device(device).type == "cpu" and engines.ctranslate2_available():
         try:
-            path = ct2.export(ckpt_path, Path(out_dir) / "ct2", "float32", force=True)
-            translator, tok, settings = ct2.load_exported(path, threads=torch.get_num_threads())
+            with tempfile.TemporaryDirectory(prefix="nmt-ls-scoring-") as tmp:
+                path = ct2.export(ckpt_path, Path(tmp) / "ct2", "float32")
+                translator, tok, settings = ct2.load_exported(path, threads=torch.get_num_threads())
         except (RuntimeError, ValueError, OSError) as e:
             log.warning("CTranslate2 export failed (%s); decoding the test split with torch", e)
         else:
@@ -52,7 +56,7 @@ def score_test_split(
     size 1) and with ``options``, write the hypotheses to ``out_dir/test.{greedy,beam}.{tgt_lang}``,
     score them against the references (BLEU, chrF with signatures) and write
     ``out_dir/test_scores.json``, which names the engine and precision that decoded."""
-    engine, precision, translate_lines = scoring_engine(ckpt_path, out_dir, device)
+    engine, precision, translate_lines = scoring_engine(ckpt_path, device)
     src, ref = [s for s, _ in pairs], [r for _, r in pairs]
     result = {"checkpoint": str(ckpt_path), "sentences": len(src), "engine": engine, "precision": precision}
     for name, decoding in (("greedy", replace(options, beam_size=1)), ("beam", options)):

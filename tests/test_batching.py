@@ -95,6 +95,19 @@ def test_same_batches_as_the_reference_on_a_large_random_corpus():
         assert as_lists(got) == reference_batches(src_lens, tgt_lens, 4000, max_sentences, seed=3, epoch=1)
 
 
+@settings(max_examples=150, deadline=None)
+@given(corpora(), st.integers(1, 60), st.booleans())
+def test_an_example_over_the_budget_is_batched_alone_when_asked(corpus, max_tokens, shuffle):
+    """``over_budget_alone`` (decoding): each example larger than the budget gets a batch of its
+    own, the rest are packed as before; the example-at-a-time reference does just that."""
+    src_lens, tgt_lens, _, max_sentences = corpus
+    budget = TokenBudget(max_tokens, max_sentences, over_budget_alone=True)
+    got = as_lists(batch_by_tokens(src_lens, tgt_lens, budget, seed=2, shuffle=shuffle))
+    assert got == reference_batches(src_lens, tgt_lens, max_tokens, max_sentences, seed=2, shuffle=shuffle)
+    for b in got:
+        assert len(b) == 1 or padded_size(b, src_lens, tgt_lens) <= max_tokens
+
+
 def test_empty_corpus_gives_no_batches():
     assert batch_by_tokens([], [], 10) == []
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,80 @@ def test_fused_and_chunked_paths_train_like_the_reference(tmp_path, path):
         assert math.isclose(rb["ppl"], math.exp(rb["nll_loss"]), rel_tol=1e-12)
     for k in weights["reference"]:
         torch.testing.assert_close(weights["reference"][k], weights[path][k], rtol=1e-3, atol=1e-4)
+
+
+def test_translate_with_a_budget_below_one_sentence_decodes_each_alone(run_dir, tmp_path):
+    """``--max-tokens 8``, less than any of these sentences: each is decoded alone, with the
+    outputs of the recipe's budget (it was an error blaming "index 0" for line 2)."""
+    src = tmp_path / "in.en"
+    src.write_text("\n" + "\n".join((FIXTURE / "test.en").read_text().splitlines()[:5]) + "\n")
+    ckpt = str(run_dir / "checkpoint_best.pt")
+    for budget in ("8", "8000"):
+        assert main(["translate", ckpt, "-i", str(src), "-o", str(tmp_path / budget), "--max-tokens", budget]) == 0
+    hyps = (tmp_path / "8").read_text().splitlines()
+    assert len(hyps) == 6 and hyps[0] == "" and hyps == (tmp_path / "8000").read_text().splitlines()
+
+
+def test_training_with_eval_max_tokens_below_one_sentence_validates_and_saves(tmp_path):
+    """eval.max_tokens=8: validation BLEU decodes each sentence alone; the run validates and
+    writes its checkpoints (it died at its first validation, with none written), with the
+    validation record of the default budget."""
+    valid = {}
+    for budget in (8, 8000):
+        cfg = load_recipe(RECIPE, overrides(tmp_path / str(budget), "train.max_updates=2", f"eval.max_tokens={budget}"))
+        summary = train(cfg)
+        assert summary["updates"] == 2 and Path(summary["checkpoint_best"]).is_file()
+        lines = Path(summary["log"]).read_text().splitlines()
+        valid[budget] = [
+            {k: v for k, v in json.loads(line).items() if k != "elapsed"} for line in lines if '"valid"' in line
+        ]
+    assert len(valid[8]) == 1 and valid[8] == valid[8000]
+
+
+def one_line_error(capsys, command: str, path) -> None:
+    assert capsys.readouterr().err == f"nmt-ls {command}: error: {path}: Is a directory\n"
+
+
+def test_outputs_that_are_folders_are_one_line_errors_that_leave_nothing(run_dir, tmp_path, capsys):
+    """translate -o, average --out and plot --out naming a folder: one line naming it, exit code
+    2, and the folder as it was (no temporary file left in or beside it)."""
+    folder = tmp_path / "out.png"  # with its suffix, so that matplotlib does not add one
+    folder.mkdir()
+    ckpt = str(run_dir / "checkpoint_best.pt")
+    src = tmp_path / "in.en"
+    src.write_text("Click OK.\n")
+    capsys.readouterr()
+    assert main(["translate", ckpt, "-i", str(src), "-o", str(folder)]) == 2
+    one_line_error(capsys, "translate", folder)
+    assert main(["average", ckpt, ckpt, "--out", str(folder)]) == 2
+    one_line_error(capsys, "average", folder)
+    assert main(["plot", str(run_dir / "train_log.jsonl"), "--out", str(folder)]) == 2  # caught at the CLI's edge
+    one_line_error(capsys, "plot", folder)
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["in.en", "out.png"]
+
+
+def test_an_out_dir_that_cannot_be_made_is_a_one_line_error(tmp_path, capsys):
+    """out_dir under a file: one line naming the file, before any work."""
+    (tmp_path / "a_file").write_text("")
+    out_dir = tmp_path / "a_file" / "run"
+    assert main(["train", RECIPE, *overrides(out_dir)]) == 2
+    assert capsys.readouterr().err == f"nmt-ls train: error: {tmp_path / 'a_file'}: Not a directory\n"
+
+
+def test_a_read_only_out_dir_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """A folder without write permission (mode 555): one line naming it, nothing written. Root
+    may write there all the same, so as root os.access answers as for a user (by the mode bits)."""
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    out_dir.chmod(0o555)
+    if os.geteuid() == 0:
+        real = os.access
+        monkeypatch.setattr(
+            os, "access", lambda p, mode: real(p, mode) and (not mode & os.W_OK or bool(os.stat(p).st_mode & 0o222))
+        )
+    try:
+        assert main(["train", RECIPE, *overrides(out_dir)]) == 2
+    finally:
+        out_dir.chmod(0o755)
+    assert capsys.readouterr().err == f"nmt-ls train: error: {out_dir}: Permission denied\n"
+    assert list(out_dir.iterdir()) == []

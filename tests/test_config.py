@@ -108,3 +108,25 @@ def test_overrides_take_yaml_spellings():
     assert cfg.model.pre_norm is False and cfg.model.tie_embeddings is True
     assert cfg.criterion.report_accuracy is True and cfg.data.path is None
     assert load_recipe(SMOKE, ["criterion.report_accuracy=False", "data.src_lang=no"]).data.src_lang == "no"
+
+
+@pytest.mark.parametrize("raw,value", [("010", 10), ("0o10", 8), ("0x10", 16), ("09", 9), ("-010", -10)])
+def test_integers_read_as_yaml_1_2_in_recipes_and_overrides(tmp_path, raw, value):
+    """YAML 1.2's core schema: decimal with leading zeros, 0o octal, 0x hexadecimal (YAML 1.1
+    read 010 as 8 and refused 09 and 0o10)."""
+    p = tmp_path / "r.yaml"
+    p.write_text(f"train:\n  warmup_steps: {raw}\n")
+    assert load_recipe(p).train.warmup_steps == value
+    assert load_recipe(SMOKE, [f"train.warmup_steps={raw}"]).train.warmup_steps == value
+
+
+@pytest.mark.parametrize("raw", ["1_000", "1:30", "0b11", "2024-01-01"])
+def test_yaml_1_1_only_spellings_are_strings_that_the_key_refuses(tmp_path, raw):
+    """``1_000`` (1000), ``1:30`` (90), ``0b11`` (3) and dates are YAML 1.1; in 1.2 they are
+    strings, which an int key refuses in one line naming it, in a recipe and in an override."""
+    p = tmp_path / "r.yaml"
+    p.write_text(f"train:\n  warmup_steps: {raw}\n")
+    with pytest.raises(ConfigError, match=f"r.yaml: train.warmup_steps: expected int, got str '{raw}'$"):
+        load_recipe(p)
+    with pytest.raises(ConfigError, match=f"smoke.yaml: train.warmup_steps: expected int, got str '{raw}'$"):
+        load_recipe(SMOKE, [f"train.warmup_steps={raw}"])

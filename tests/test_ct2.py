@@ -166,7 +166,6 @@ def test_test_split_is_scored_with_ctranslate2_when_installed(tmp_path, ckpt, mo
     args = (list(zip(LINES[:20], refs)), EVAL)
     ours = score_test_split(ckpt, *args, tmp_path / "ct2_run", "de")
     assert (ours["engine"], ours["precision"]) == ("ctranslate2", "float32")
-    assert (tmp_path / "ct2_run" / "ct2" / "model.bin").is_file()
     monkeypatch.setattr(engines, "ctranslate2_available", lambda: False)
     (tmp_path / "torch_run").mkdir()
     theirs = score_test_split(ckpt, *args, tmp_path / "torch_run", "de")
@@ -175,3 +174,52 @@ def test_test_split_is_scored_with_ctranslate2_when_installed(tmp_path, ckpt, mo
         hyps = (tmp_path / "ct2_run" / f"test.{name}.de").read_text()
         assert hyps == (tmp_path / "torch_run" / f"test.{name}.de").read_text()
         assert ours[name]["bleu"] == theirs[name]["bleu"]
+
+
+def test_scoring_the_test_split_leaves_the_users_export_alone(tmp_path, ckpt, spm_path):
+    """`nmt-ls run` scores with a float32 export of its own, made in a temporary folder: the
+    user's int8 export in out_dir/ct2 (the README's Deploy folder) stays as it was, and the run
+    leaves no export behind."""
+    out_dir = tmp_path / "run"
+    user = ct2.export(random_checkpoint(tmp_path / "other.pt", spm_path, seed=3), out_dir / "ct2", "int8")
+    before = {p.name: p.read_bytes() for p in user.iterdir()}
+    refs = (FIXTURE / "test.de").read_text(encoding="utf-8").splitlines()[:5]
+    scores = score_test_split(ckpt, list(zip(LINES[:5], refs)), EVAL, out_dir, "de")
+    assert (scores["engine"], scores["precision"]) == ("ctranslate2", "float32")
+    assert {p.name: p.read_bytes() for p in user.iterdir()} == before
+    assert json.loads((user / "nmt_ls.json").read_text())["quantization"] == "int8"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ct2", "test.beam.de", "test.greedy.de", "test_scores.json"]
+
+
+def test_export_force_replaces_an_export_and_nothing_else(tmp_path, ckpt, capsys):
+    """--force replaces an earlier export; a file or a folder that is not an export is refused in
+    one line naming it, and left as it was."""
+    a_file, a_folder, export = tmp_path / "notes.txt", tmp_path / "run", tmp_path / "ct2"
+    a_file.write_text("mine\n")
+    a_folder.mkdir()
+    (a_folder / "checkpoint_best.pt").write_bytes(b"weights")
+    for path in (a_file, a_folder):
+        assert main(["export", str(ckpt), "--ctranslate2", str(path), "--force"]) == 2
+        refused = f"{path} exists and is not an nmt-ls export (no nmt_ls.json): not replacing it"
+        assert capsys.readouterr().err == f"nmt-ls export: error: {refused}\n"
+    assert a_file.read_text() == "mine\n" and [p.name for p in a_folder.iterdir()] == ["checkpoint_best.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "run"]  # no temporary folder left
+    ct2.export(ckpt, export, "int8")
+    assert main(["export", str(ckpt), "--ctranslate2", str(export), "--force"]) == 0
+    assert json.loads((export / "nmt_ls.json").read_text())["quantization"] == "float32"
+
+
+def test_a_sentence_over_the_token_budget_is_decoded_alone_by_both_engines(tmp_path, spm_path):
+    """A budget smaller than one sentence (eval.max_tokens=8): each longer sentence is decoded in
+    a batch of its own, by our search as by CTranslate2, with the outputs of a large budget."""
+    ckpt = random_checkpoint(tmp_path / "ckpt.pt", spm_path, 1, 4.0, positions="learned", tie_embeddings=False)
+    model, tok, _ = load_for_inference(ckpt)
+    translator, _, settings = ct2.load_exported(ct2.export(ckpt, tmp_path / "ct2"), threads=1)
+    lines = ["", *LINES[:40]]
+    assert sum(len(tok.encode(line)) + 1 > 8 for line in lines) >= 30
+    for beam_size in (1, 4):
+        small, large = replace(EVAL, beam_size=beam_size, max_tokens=8), replace(EVAL, beam_size=beam_size)
+        reference = torch_translate(model, tok, lines, large)
+        assert sum(bool(h) for h in reference) >= 10  # and all end before the length limit
+        assert torch_translate(model, tok, lines, small) == reference
+        assert ct2.translate(translator, tok, lines, small, settings["max_positions"]) == reference

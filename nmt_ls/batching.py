@@ -116,6 +116,27 @@ def batch_by_tokens(
     return batches
 
 
+def untrained_batches(src_lens, tgt_lens, max_tokens: int, seed: int, epoch: int, earlier=()) -> list[np.ndarray]:
+    """Epoch ``epoch``'s batches under ``max_tokens`` of the pairs that its ``earlier`` budgets
+    left untrained: ``batch_by_tokens`` of all pairs when there are none.
+
+    ``earlier`` lists ``(max_tokens, batches)`` for each token budget that this epoch was
+    trained under before (a ``--resume`` with another ``train.max_tokens``), in order: each
+    trained the first ``batches`` of the batching, under it, of the pairs left by those before.
+    So a changed budget skips exactly the pairs already trained in the epoch, and trains every
+    other pair once.
+    """
+    if not earlier:
+        return batch_by_tokens(src_lens, tgt_lens, max_tokens, seed=seed, epoch=epoch)
+    src_lens, tgt_lens = np.asarray(src_lens), np.asarray(tgt_lens)
+    pairs = np.arange(len(src_lens))  # the untrained pairs, in corpus order
+    for budget, trained in earlier:
+        batches = batch_by_tokens(src_lens[pairs], tgt_lens[pairs], budget, seed=seed, epoch=epoch)
+        pairs = pairs[np.sort(np.concatenate([np.zeros(0, np.int64), *batches[trained:]]))]
+    batches = batch_by_tokens(src_lens[pairs], tgt_lens[pairs], max_tokens, seed=seed, epoch=epoch)
+    return [pairs[b] for b in batches]
+
+
 def _sizes(src_lens, tgt_lens, budget: TokenBudget) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The lengths as int64 arrays and each example's size, checked against ``budget``."""
     src_lens = np.asarray(src_lens, dtype=np.int64)

@@ -3,21 +3,26 @@ loads the tokenizer, maps the binarized data and builds the model, criterion, op
 schedule into a frozen :class:`Built`; :func:`check_config` checks a recipe before any data work.
 
 Files in ``cfg.out_dir``: ``config.yaml`` (the resolved recipe), ``spm.model`` (+ ``spm.json``,
-what it was trained from), ``train_log.jsonl``, ``checkpoint_last.pt``, ``checkpoint_best.pt``.
+what it was trained from), ``train_log.jsonl``, ``checkpoint_last.pt``, ``checkpoint_best.pt``,
+and ``.lock``, which a run holds for its life so that a second run there is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import logging
 import math
 import os
 import random
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import torch
 import yaml
@@ -25,7 +30,7 @@ from torch import nn
 
 from nmt_ls import checkpoint
 from nmt_ls.batching import Batch, batch_by_tokens
-from nmt_ls.binarize import MmapPairs, binarize_recipe
+from nmt_ls.binarize import MmapPairs, binarize_recipe, spm_sha256
 from nmt_ls.config import RunConfig, to_dict
 from nmt_ls.criterions import CRITERIONS, build_criterion, import_user_module
 from nmt_ls.criterions.label_smoothed import IMPLEMENTATIONS
@@ -40,6 +45,7 @@ from nmt_ls.tokenizer import MODEL_TYPES, Tokenizer, train_spm
 log = logging.getLogger(__name__)
 
 BEST_METRICS = ("bleu", "ppl")
+LOCK_FILE = ".lock"  # in out_dir: held by a run for its life (lock_out_dir)
 # The range of each count, length and rate that check_config checks: key -> (least, most).
 RANGES = {
     **dict.fromkeys(
@@ -85,10 +91,16 @@ class Built:
     valid: ValidSet
     test_pairs: list = dataclasses.field(default_factory=list)  # `nmt-ls run`: decoded after training (main worker)
     writer: MetricsWriter | None = None  # main worker only
+    lock: IO | None = None  # out_dir/.lock, held by the main worker until release()
 
     @property
     def out_dir(self) -> Path:
         return Path(self.cfg.out_dir)
+
+    def release(self) -> None:
+        """Let another run use ``out_dir`` (the end of this one)."""
+        if self.lock is not None:
+            self.lock.close()
 
     def autocast(self, amp: str | None = None):
         """The training forward's precision context (``train.amp``, or ``amp``)."""
@@ -169,18 +181,21 @@ def tokenizer_spec(cfg: RunConfig, corpus: Corpus) -> dict:
 
 def load_tokenizer(cfg: RunConfig, world: World, ckpt: dict | None, corpus: Corpus) -> Tokenizer:
     """The run's sentencepiece model: the checkpoint's when resuming; else ``spm.model`` in
-    ``out_dir`` if it was trained from the same options and train files, else trained anew on the
-    train split (read only then)."""
+    ``out_dir`` if ``spm.json`` says it was trained from the same options and train files, else
+    trained anew on the train split (read only then). ``spm.json`` always describes the
+    ``spm.model`` beside it (it records the model's sha256), or is absent."""
     path, spec_path = Path(cfg.out_dir) / "spm.model", Path(cfg.out_dir) / "spm.json"
-    spec = tokenizer_spec(cfg, corpus) if world.is_main else None
     if world.is_main and ckpt is not None:  # its tokenizer is the recipe's (check_resume)
         checkpoint.tensor_to_spm(ckpt["spm"], path)
-        spec_path.write_text(json.dumps(spec), encoding="utf-8")
+        if spec_path.exists() and recorded_spec(path, spec_path) is None:
+            spec_path.unlink()  # it described another model; what trained this one is unknown
     elif world.is_main:
-        old = json.loads(spec_path.read_text(encoding="utf-8")) if spec_path.exists() and path.exists() else None
+        spec, old = tokenizer_spec(cfg, corpus), recorded_spec(path, spec_path)
         if old != spec:
-            if path.exists():
-                changed = ", ".join(k for k in spec if old is None or old.get(k) != spec[k])
+            if path.exists() and old is None:
+                log.info("retraining %s: %s does not record what it was trained from", path, spec_path.name)
+            elif path.exists():
+                changed = ", ".join(k for k in spec if old.get(k) != spec[k])
                 log.info("retraining %s: its %s changed since it was trained", path, changed)
             train_pairs = read_split(corpus, "train")
             t = cfg.tokenizer
@@ -190,9 +205,18 @@ def load_tokenizer(cfg: RunConfig, world: World, ckpt: dict | None, corpus: Corp
                 t.vocab_size,
                 model_type=t.model_type,
             )
-            spec_path.write_text(json.dumps(spec), encoding="utf-8")
+            spec_path.write_text(json.dumps({**spec, "spm_sha256": spm_sha256(path)}), encoding="utf-8")
     world.wait_for_setup()
     return Tokenizer(path)
+
+
+def recorded_spec(path: Path, spec_path: Path) -> dict | None:
+    """What ``spec_path`` (``spm.json``) says the model at ``path`` was trained from, if it
+    describes that model (its recorded sha256 is the model's); else None."""
+    if not (path.exists() and spec_path.exists()):
+        return None
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    return spec if spec.pop("spm_sha256", None) == spm_sha256(path) else None
 
 
 def open_data(cfg: RunConfig, tok: Tokenizer, world: World, corpus: Corpus) -> dict[str, MmapPairs]:
@@ -296,9 +320,10 @@ def choose_precision(built: Built, ckpt: dict | None) -> Built:
 
 
 def setup(cfg: RunConfig, ckpt: dict | None, test_split: bool = False) -> Built:
-    """Process group, corpus (resolved once), tokenizer, data, model, criterion, optimizer and
-    schedule (``ckpt``: the checkpoint to resume from, whose states :func:`nmt_ls.resume.restore`
-    loads next); with ``test_split`` the test pairs too, read once by the main worker."""
+    """Process group, ``out_dir``'s lock, corpus (resolved once), tokenizer, data, model,
+    criterion, optimizer and schedule (``ckpt``: the checkpoint to resume from, whose states
+    :func:`nmt_ls.resume.restore` loads next); with ``test_split`` the test pairs too, read once
+    by the main worker. The caller calls :meth:`Built.release` when the run ends."""
     t = cfg.train
     threads = num_threads(t.num_threads)
     torch.set_num_threads(threads)
@@ -306,28 +331,63 @@ def setup(cfg: RunConfig, ckpt: dict | None, test_split: bool = False) -> Built:
     world = init_world(t.device, t.dist_timeout_minutes)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    random.seed(t.seed)
-    torch.manual_seed(t.seed)
-    corpus = open_corpus(cfg.data, prepare=world.is_main)  # prepared by the main worker alone
-    tok = load_tokenizer(cfg, world, ckpt, corpus)
-    data = open_data(cfg, tok, world, corpus)
-    valid = valid_set(cfg, tok, data["valid"])
-    model = build_model(tok.vocab_size, tok.pad_id, **dataclasses.asdict(cfg.model)).to(world.device)
-    optimizer = build_optimizer(model, t.lr, t.betas, t.adam_eps, t.weight_decay)
-    return Built(
-        cfg,
-        world,
-        tok,
-        model,
-        world.wrap(model),
-        build_criterion(**criterion_kwargs(cfg, tok.pad_id)),
-        optimizer,
-        build_schedule(cfg, optimizer),
-        data["train"],
-        valid,
-        read_split(corpus, "test") if test_split and world.is_main else [],
-        MetricsWriter(out_dir / "train_log.jsonl", out_dir / "tensorboard") if world.is_main else None,
-    )
+    with contextlib.ExitStack() as on_error:
+        lock = lock_out_dir(out_dir, world)
+        if lock is not None:
+            on_error.callback(lock.close)
+        random.seed(t.seed)
+        torch.manual_seed(t.seed)
+        corpus = open_corpus(cfg.data, prepare=world.is_main)  # prepared by the main worker alone
+        tok = load_tokenizer(cfg, world, ckpt, corpus)
+        data = open_data(cfg, tok, world, corpus)
+        valid = valid_set(cfg, tok, data["valid"])
+        model = build_model(tok.vocab_size, tok.pad_id, **dataclasses.asdict(cfg.model)).to(world.device)
+        optimizer = build_optimizer(model, t.lr, t.betas, t.adam_eps, t.weight_decay)
+        built = Built(
+            cfg,
+            world,
+            tok,
+            model,
+            world.wrap(model),
+            build_criterion(**criterion_kwargs(cfg, tok.pad_id)),
+            optimizer,
+            build_schedule(cfg, optimizer),
+            data["train"],
+            valid,
+            read_split(corpus, "test") if test_split and world.is_main else [],
+            MetricsWriter(out_dir / "train_log.jsonl", out_dir / "tensorboard") if world.is_main else None,
+            lock,
+        )
+        on_error.pop_all()  # set up: the lock is the run's now
+    return built
+
+
+def lock_out_dir(out_dir: Path, world: World) -> IO | None:
+    """The main worker's exclusive ``flock`` on ``out_dir/.lock`` (its file, holding this
+    process's host and pid), or None on the other workers. The OS releases it when the process
+    ends, however it ends, so no lock outlives its run. A second run in the same ``out_dir`` is
+    refused on every worker with one line naming the process that holds it."""
+    refusal, path, lock = None, out_dir / LOCK_FILE, None
+    if world.is_main:
+        lock = path.open("a+", encoding="utf-8")  # not truncated: the holder's pid stays readable
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            refusal = (
+                f"out_dir={str(out_dir)!r} is in use by another run ({holder} holds {path}); "
+                "wait for it to end or choose another out_dir"
+            )
+        else:
+            lock.truncate(0)
+            lock.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+            lock.flush()
+    refusal = world.broadcast(refusal)
+    if refusal is not None:
+        raise ValueError(refusal)
+    return lock
 
 
 def describe(built: Built) -> None:

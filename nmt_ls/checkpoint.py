@@ -11,6 +11,7 @@ anything else).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -132,13 +133,14 @@ def restore_training(ckpt: dict, model: nn.Module, optimizer, scheduler, rank: i
 
 
 def average_checkpoints(paths: list[str | Path]) -> dict:
-    """Average the model parameters of several checkpoints (the last one supplies the rest)."""
+    """Average the model parameters of several checkpoints (the last one supplies the rest);
+    they must share the model's architecture, its sentencepiece model and its direction."""
     if not paths:
         raise ValueError("average_checkpoints needs at least one checkpoint")
     ckpts = [load(p) for p in paths]
     keys = ckpts[0]["model"].keys()
     for p, c in zip(paths, ckpts):
-        differ = differences("model", c["config"]["model"], ckpts[0]["config"]["model"], DROPOUTS)
+        differ = model_differences(c, ckpts[0])
         if differ:
             changes = ", ".join(f"{key}={value!r} (not {first!r})" for key, value, first in differ)
             raise CheckpointError(f"{p}: its model differs from {paths[0]}'s: {changes}; cannot average")
@@ -157,3 +159,29 @@ def average_checkpoints(paths: list[str | Path]) -> dict:
         out.pop(k, None)  # an average is for inference, not for resuming
     out["averaged_from"] = [str(p) for p in paths]
     return out
+
+
+def model_differences(ckpt: dict, first: dict) -> list[tuple]:
+    """``(key, ckpt's, first's)`` for what makes two checkpoints' weights mean different things:
+    the architecture (dropout aside), the tokenizer options, the languages and the sentencepiece
+    model's bytes (their sha256)."""
+    ours, theirs = ckpt["config"], first["config"]
+    differ = [
+        *differences("model", ours["model"], theirs["model"], DROPOUTS),
+        *differences("tokenizer", ours.get("tokenizer", {}), theirs.get("tokenizer", {})),
+        *differences("data", _languages(ours), _languages(theirs)),
+    ]
+    spm_ours, spm_theirs = _spm_sha256(ckpt), _spm_sha256(first)
+    if spm_ours != spm_theirs:
+        differ.append(("spm.model sha256", spm_ours, spm_theirs))
+    return differ
+
+
+def _languages(config: dict) -> dict:
+    return {k: config.get("data", {}).get(k) for k in ("src_lang", "tgt_lang")}
+
+
+def _spm_sha256(ckpt: dict) -> str | None:
+    """The first 12 hex digits of the sha256 of the checkpoint's sentencepiece model bytes."""
+    spm = ckpt.get("spm")
+    return None if spm is None else hashlib.sha256(spm.numpy().tobytes()).hexdigest()[:12]

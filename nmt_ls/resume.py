@@ -32,6 +32,9 @@ class TrainState:
     best: float | None = None  # best validation value (BLEU, or -ppl)
     bad_validations: int = 0  # validations in a row without improvement
     validated_at: int = -1  # update of the last validation
+    # (train.max_tokens, batches trained) under each earlier token budget of the current epoch,
+    # in order: global_batch then counts the batches of the pairs they left (untrained_batches)
+    earlier_budgets: list = dataclasses.field(default_factory=list)
 
 
 def saved_states(state: TrainState, plan: PlanState) -> dict:
@@ -75,6 +78,7 @@ def restore(built, ckpt: dict | None) -> tuple[TrainState, PlanState, bool]:
     saved_by = len(ckpt["rng"]) if isinstance(ckpt["rng"], list) else 1  # the workers that saved it
     if "batch_index" in ckpt:  # before global_batch: each of the saved_by workers' batches, as many each
         state.global_batch = ckpt["batch_index"] * saved_by
+    change_budget(state, ckpt["config"]["train"]["max_tokens"], built.cfg.train.max_tokens)
     if world.is_main:
         truncate_log(log_path, state.update)
         log.info(
@@ -86,6 +90,23 @@ def restore(built, ckpt: dict | None) -> tuple[TrainState, PlanState, bool]:
             world.world_size,
         )
     return state, plan, apply_schedule_changes(built, ckpt["config"]["train"], state.update)
+
+
+def change_budget(state: TrainState, old: int, max_tokens: int) -> None:
+    """On ``--resume`` with another ``train.max_tokens`` in the middle of an epoch (after running
+    out of memory, say): the epoch goes on with the pairs that ``old`` left, batched under
+    ``max_tokens``, so that none is trained twice and none skipped."""
+    if max_tokens == old or state.global_batch == 0:
+        return
+    log.info(
+        "--resume: train.max_tokens %d -> %d after %d batches of epoch %d: its untrained pairs are batched anew",
+        old,
+        max_tokens,
+        state.global_batch,
+        state.epoch + 1,
+    )
+    state.earlier_budgets = [*state.earlier_budgets, (old, state.global_batch)]
+    state.global_batch = 0
 
 
 def _fields(cls, ckpt: dict) -> dict:

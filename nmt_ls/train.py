@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nmt_ls import checkpoint
-from nmt_ls.batching import batch_by_tokens, update_size
+from nmt_ls.batching import untrained_batches, update_size
 from nmt_ls.build import Built, check_config, choose_precision, describe, setup, to_sample
 from nmt_ls.config import RunConfig, to_dict
 from nmt_ls.evaluate import corpus_bleu
@@ -66,13 +66,16 @@ def train(
     check_config(cfg)  # before any data work
     ckpt = load_last(cfg) if resume else None
     built = setup(cfg, ckpt, test_split)
-    state, plan, refit = restore(built, ckpt)
-    built = choose_precision(built, ckpt)
-    describe(built)
-    trainer = Trainer(built, state, plan, clock)
-    trainer.planner.start(started)
-    trainer.planner.refit = refit
-    return trainer.train()
+    try:
+        state, plan, refit = restore(built, ckpt)
+        built = choose_precision(built, ckpt)
+        describe(built)
+        trainer = Trainer(built, state, plan, clock)
+        trainer.planner.start(started)
+        trainer.planner.refit = refit
+        return trainer.train()
+    finally:
+        built.release()  # out_dir is free for the next run, however this one ended
 
 
 class Trainer:
@@ -94,7 +97,7 @@ class Trainer:
         b.model.train()
         while True:
             data = b.train_data
-            batches = batch_by_tokens(data.src_lens, data.tgt_lens, t.max_tokens, seed=t.seed, epoch=s.epoch)
+            batches = untrained_batches(data.src_lens, data.tgt_lens, t.max_tokens, t.seed, s.epoch, s.earlier_budgets)
             if len(batches) < b.world.world_size:
                 n, k = len(batches), b.world.world_size
                 raise ValueError(f"train.max_tokens={t.max_tokens} makes {n} batches an epoch, too few for {k} workers")
@@ -102,7 +105,8 @@ class Trainer:
             self.planner.plan(self.runway())  # from the rate measured so far, for this epoch's length
             if (reason := self.stop_reason()) is not None or (reason := self.train_epoch(batches)) is not None:
                 break
-            s.epoch, s.global_batch = s.epoch + 1, 0  # the epoch is over, whatever its last update did
+            # the epoch is over, whatever its last update did
+            s.epoch, s.global_batch, s.earlier_budgets = s.epoch + 1, 0, []
             if s.validated_at != s.update:
                 self.validate_and_save()
         if s.validated_at != s.update:
@@ -143,7 +147,7 @@ class Trainer:
             if s.update % TRIM_EVERY[t.amp] == 0 and world.device.type == "cpu":
                 release_freed_memory()
             self.planner.on_update(self.clock() - step_start, self.runway())
-            record = self.after_update(output, len(batches))
+            record = self.after_update(output)
             if record:
                 bar.set_postfix(postfix(record))
         bar.close()
@@ -190,25 +194,40 @@ class Trainer:
                 f"{self.bad_updates} consecutive non-finite updates at update {update}; stopping (lower train.lr?)"
             )
 
-    def after_update(self, output: dict, n_batches: int) -> dict | None:
-        """Log, validate and save as the recipe says, after update ``state.update`` of an epoch
-        of ``n_batches``; returns the train record if one was written."""
-        b, s, t = self.built, self.state, self.built.cfg.train
+    def after_update(self, output: dict) -> dict | None:
+        """Log, validate and save as the recipe says, after update ``state.update``; returns
+        the train record if one was written."""
+        s, t = self.state, self.built.cfg.train
         self.outputs.append(output)
         record = None
-        epoch_end = update_size(n_batches, s.global_batch, b.world.world_size, t.update_freq) == 0
-        if s.update % t.log_every_updates == 0 or epoch_end:
-            epoch = s.epoch + (1.0 if epoch_end else s.global_batch / n_batches)
-            seconds = self.clock() - self.line_start
-            record = train_record(s.update, epoch, self.outputs, seconds, self.planner.state.elapsed)
-            if b.writer:
-                b.writer.write(record)
-            self.outputs, self.line_start = [], self.clock()
+        if s.update % t.log_every_updates == 0 or self.epoch_trained():
+            record = self.log_train()
         if t.validate_every_updates and s.update % t.validate_every_updates == 0:
             self.validate_and_save()
         elif t.save_every_updates and s.update % t.save_every_updates == 0:
             self.save("checkpoint_last.pt")
         return record
+
+    def log_train(self) -> dict | None:
+        """Write the train line of the updates since the last one, if there are any: every
+        ``log_every_updates``, at an epoch's end and before every save, so that the log cut back
+        to a checkpoint's update on ``--resume`` holds the lines of an uninterrupted run."""
+        b, s = self.built, self.state
+        if not self.outputs:
+            return None
+        epoch = s.epoch + (1.0 if self.epoch_trained() else s.global_batch / self.epoch_batches)
+        seconds = self.clock() - self.line_start
+        record = train_record(s.update, epoch, self.outputs, seconds, self.planner.state.elapsed)
+        if b.writer:
+            b.writer.write(record)
+        self.outputs, self.line_start = [], self.clock()
+        return record
+
+    def epoch_trained(self) -> bool:
+        """Whether the current epoch has no update left (its last batches, fewer than the
+        workers, are dropped)."""
+        b, t = self.built, self.built.cfg.train
+        return update_size(self.epoch_batches, self.state.global_batch, b.world.world_size, t.update_freq) == 0
 
     def runway(self) -> Runway:
         """What is left of the run, in updates, for the planner."""
@@ -277,6 +296,7 @@ class Trainer:
         """Validate (main worker), track the best value, fix the plan again from the validation's
         time, and save best and last (all workers), so the checkpoint holds the plan in force."""
         b, s = self.built, self.state
+        self.log_train()  # before the valid line of the same update
         start, improved, greedy_s = self.clock(), False, 0.0
         if b.world.is_main:
             record, greedy_s = self.validate()
@@ -298,6 +318,7 @@ class Trainer:
         """Write ``out_dir/name`` atomically (main worker); every worker must call it, since the
         checkpoint holds every worker's RNG states."""
         b = self.built
+        self.log_train()  # the log holds every update that the checkpoint holds
         rngs = b.world.gather(checkpoint.rng_state())
         if b.world.is_main:
             states = saved_states(self.state, self.planner.state)

@@ -16,8 +16,10 @@ import torch
 
 from nmt_ls import checkpoint
 from nmt_ls.__main__ import main
+from nmt_ls.build import lock_out_dir
 from nmt_ls.checkpoint import CheckpointError
 from nmt_ls.config import load_recipe
+from nmt_ls.distributed import World
 from nmt_ls.train import train
 
 from conftest import NAN_PLUGIN, ROOT, SMOKE_RECIPE, overrides
@@ -33,18 +35,18 @@ def log_updates(out_dir):
     return [r["update"] for r in read_log(out_dir) if r["kind"] == "train"]
 
 
+def start_training(args: list[str]) -> subprocess.Popen:
+    """``nmt-ls train`` of the smoke recipe with ``args``, in a process of its own."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "nmt_ls", "train", RECIPE, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def test_sigkill_then_resume_loses_only_updates_since_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     extra = ("train.max_updates=30", "train.save_every_updates=4", "train.log_every_updates=1")
     args = overrides(out, *extra)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nmt_ls", "train", RECIPE, *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_training(args)
     try:
         deadline = time.time() + 180
         while time.time() < deadline:  # kill it once a checkpoint exists and training went past it
@@ -71,6 +73,55 @@ def test_sigkill_then_resume_loses_only_updates_since_the_checkpoint(tmp_path):
     clean = [r for r in read_log(tmp_path / "clean") if r["kind"] == "train"]
     for a, b in zip(resumed, clean, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), a["update"]
+
+
+def test_a_second_run_in_an_out_dir_in_use_is_refused_naming_the_process(tmp_path, capsys):
+    """Issue 29 row 5: a second run in a running run's out_dir deleted its log, and both wrote
+    one log and one set of checkpoints. The lock dies with its process: a later run starts."""
+    out, small = tmp_path / "run", ("model.d_model=32", "train.log_every_updates=1")
+    args = overrides(out, *small, "train.max_updates=100000", "train.max_epochs=1000")
+    proc = start_training(args)
+    try:
+        deadline = time.time() + 180
+        while not ((out / "train_log.jsonl").exists() and log_updates(out)) and time.time() < deadline:
+            time.sleep(0.2)
+        logged = (out / "train_log.jsonl").read_text()
+        assert main(["train", RECIPE, *overrides(out, *small, "train.max_updates=1")]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert f"out_dir={str(out)!r} is in use by another run (host " in err
+        assert f" pid {proc.pid} holds {out / '.lock'}); wait for it to end or choose another out_dir" in err
+        assert (out / "train_log.jsonl").read_text().startswith(logged)  # its log goes on
+    finally:
+        proc.kill()
+        proc.wait(30)
+    summary = train(load_recipe(RECIPE, overrides(out, *small, "train.max_updates=1")))
+    assert summary["updates"] == 1 and log_updates(out) == [1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_every_torchrun_worker_stops_when_the_out_dir_is_in_use(tmp_path):
+    """Rank 0 alone takes the lock; the other workers get its refusal and stop with it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    held = lock_out_dir(out, World(0, 1, torch.device("cpu")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nmt_ls"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    try:
+        proc = subprocess.run(
+            [*cmd, "train", RECIPE, *overrides(out, "train.device='cpu'")],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        held.close()
+    assert proc.returncode != 0
+    refusal = f"nmt-ls train: error: out_dir={str(out)!r} is in use by another run (host "
+    assert proc.stderr.count(refusal) == 2, proc.stderr[-3000:]  # rank 0's and rank 1's
+    assert not (out / "spm.model").exists()
 
 
 def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path):

@@ -118,3 +118,34 @@ def test_tokenizer_is_retrained_when_the_train_files_change(tmp_path, caplog):
     assert (tmp_path / "run" / "spm.model").read_bytes() != kept
     line = read_pairs(Corpus(corpus, "en", "de"))[0][0]
     assert len(after.encode(line)) < len(before.encode(line)) / 2  # fitted to the new text
+
+
+def test_resume_on_edited_train_files_keeps_spm_json_describing_the_model_on_disk(tmp_path, caplog):
+    """Issue 29 row 6: ``--resume`` wrote the checkpoint's (old) model and the new files' spm.json,
+    so a later fresh run kept the stale model (an upper-cased test line: 68 pieces, not 28)."""
+    import logging
+    import shutil
+
+    from nmt_ls import checkpoint
+    from nmt_ls.build import load_tokenizer
+    from nmt_ls.config import load_recipe
+    from nmt_ls.data import open_corpus
+    from nmt_ls.distributed import World
+
+    from conftest import SMOKE_RECIPE, overrides
+
+    corpus = Path(shutil.copytree(FIXTURE, tmp_path / "corpus"))
+    cfg = load_recipe(SMOKE_RECIPE, overrides(tmp_path / "run", f"data.dir={str(corpus)!r}"))
+    world, spm_path = World(0, 1, torch.device("cpu")), tmp_path / "run" / "spm.model"
+    before = load_tokenizer(cfg, world, None, open_corpus(cfg.data))
+    ckpt = {"spm": checkpoint.spm_to_tensor(spm_path)}  # what a checkpoint of that run holds
+    for lang in ("en", "de"):
+        path = corpus / f"train.{lang}"
+        path.write_text(path.read_text(encoding="utf-8").upper(), encoding="utf-8")
+    resumed = load_tokenizer(cfg, world, ckpt, open_corpus(cfg.data))  # --resume: the checkpoint's model
+    assert resumed.sp.serialized_model_proto() == before.sp.serialized_model_proto()
+    with caplog.at_level(logging.INFO, logger="nmt_ls.build"):
+        fresh = load_tokenizer(cfg, world, None, open_corpus(cfg.data))  # a later run without --resume
+    assert "spm.model: its train_files changed since it was trained" in caplog.text
+    line = read_pairs(Corpus(corpus, "en", "de"), "test")[0][0].upper()
+    assert len(fresh.encode(line)) < len(before.encode(line)) / 2  # fitted to the upper-cased text

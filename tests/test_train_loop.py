@@ -2,6 +2,7 @@
 old epoch-end checkpoint, checkpoints on another device, a stale sentencepiece model, and
 options that must fail before any data work. Each test failed before its fix."""
 
+import hashlib
 import json
 import logging
 import re
@@ -16,15 +17,17 @@ import torch
 
 from nmt_ls import checkpoint
 from nmt_ls.__main__ import main
+from nmt_ls.binarize import binarize_recipe
 from nmt_ls.build import describe, setup
 from nmt_ls.config import load_recipe
 from nmt_ls.criterions import reduce_metrics
-from nmt_ls.data import Corpus, read_pairs
+from nmt_ls.data import Corpus, open_corpus, read_pairs
 from nmt_ls.engines import load_for_inference
 from nmt_ls.model import build_model
 from nmt_ls.optim import build_optimizer, build_scheduler
 from nmt_ls.planner import PLAN_TARGET, PlanState
 from nmt_ls.resume import TrainState
+from nmt_ls.tokenizer import train_spm
 from nmt_ls.train import Trainer, train
 
 from conftest import FIXTURE, NAN_PLUGIN, ROOT, SMOKE_RECIPE, overrides
@@ -251,6 +254,41 @@ def test_average_of_different_models_names_the_keys(small_run, tmp_path, capsys)
     assert not (tmp_path / "avg.pt").exists()
 
 
+def with_spm(ckpt: dict, spm_path: Path, **tokenizer) -> dict:
+    """``ckpt`` with another sentencepiece model (and tokenizer options)."""
+    config = {**ckpt["config"], "tokenizer": {**ckpt["config"]["tokenizer"], **tokenizer}}
+    return dict(ckpt, spm=checkpoint.spm_to_tensor(spm_path), config=config)
+
+
+def reversed_direction(ckpt: dict) -> dict:
+    """``ckpt`` as a de-en checkpoint would be (its weights as they are)."""
+    return dict(ckpt, config={**ckpt["config"], "data": {**ckpt["config"]["data"], "src_lang": "de", "tgt_lang": "en"}})
+
+
+def sha12(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def test_average_refuses_another_sentencepiece_model_or_direction(small_run, tmp_path, capsys):
+    """Issue 29 row 4: unigram + bpe, or en-de + de-en, were averaged (test ppl 89 and 118 in, 162 out)."""
+    first = str(small_run / "checkpoint_last.pt")
+    ckpt = checkpoint.load(first)
+    bpe = train_spm(FIXTURE / "train.en", tmp_path / "bpe", 500, model_type="bpe")
+    checkpoint.atomic_save(with_spm(ckpt, bpe, model_type="bpe"), tmp_path / "bpe.pt")
+    checkpoint.atomic_save(reversed_direction(ckpt), tmp_path / "de-en.pt")
+    expected = {
+        "bpe.pt": f"tokenizer.model_type='bpe' (not 'unigram'), spm.model sha256='{sha12(bpe)}' "
+        f"(not '{sha12(small_run / 'spm.model')}')",
+        "de-en.pt": "data.src_lang='de' (not 'en'), data.tgt_lang='en' (not 'de')",
+    }
+    for name, changes in expected.items():
+        other = str(tmp_path / name)
+        assert main(["average", first, other, "--out", str(tmp_path / "avg.pt")]) == 2
+        err = one_line_error(capsys)
+        assert f"{other}: its model differs from {first}'s: {changes}; cannot average" in err
+        assert not (tmp_path / "avg.pt").exists()
+
+
 def test_resume_drops_a_torn_last_log_line_and_names_any_other_bad_line(small_run, tmp_path, caplog):
     out = copy_run(small_run, tmp_path / "run")
     log_path = out / "train_log.jsonl"
@@ -322,3 +360,56 @@ def test_chunked_validation_loss_never_forms_the_logits(tmp_path, monkeypatch):
     assert got["ntokens"] == expected["ntokens"] > 0
     for key in ("loss", "nll_loss", "kl", "ppl"):
         assert got[key] == pytest.approx(expected[key], rel=1e-5)
+
+
+def train_records(out_dir) -> list[tuple]:
+    """(kind, update, epoch, losses, lr) of each log line: all but the timings."""
+    keys = ("kind", "update", "epoch", "loss", "nll_loss", "kl", "ppl", "accuracy", "lr", "bleu")
+    return [tuple(r.get(k) for k in keys) for r in read_log(out_dir)]
+
+
+def test_log_of_a_run_interrupted_and_resumed_equals_an_uninterrupted_runs(tmp_path, monkeypatch):
+    """Issue 29 row 10: the updates after the last train line were never logged, at the end of
+    a run and before a checkpoint that a resume went on from (here: after a Ctrl-C in update 7)."""
+    args = ("model.d_model=32", "model.dropout=0.0", "train.max_updates=7", "train.log_every_updates=3")
+    args = overrides(tmp_path / "run", *args, "train.validate_every_updates=5")
+    train(load_recipe(SMOKE_RECIPE, args))
+    uninterrupted = train_records(tmp_path / "run")
+    kinds = [(kind, update) for kind, update, *_ in uninterrupted]
+    assert kinds == [("train", 3), ("train", 5), ("valid", 5), ("train", 6), ("train", 7), ("valid", 7)]
+
+    step = Trainer.train_step
+
+    def ctrl_c_in_update_7(self, samples):
+        if self.state.update == 6:
+            raise KeyboardInterrupt
+        return step(self, samples)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", ctrl_c_in_update_7)
+        with pytest.raises(KeyboardInterrupt):
+            train(load_recipe(SMOKE_RECIPE, args))
+    train(load_recipe(SMOKE_RECIPE, args), resume=True)
+    assert train_records(tmp_path / "run") == uninterrupted
+
+
+def test_resume_with_another_max_tokens_mid_epoch_trains_each_pair_once(tmp_path, monkeypatch):
+    """Issue 29 row 15: the position in the epoch was an index into batches of the old budget;
+    under a smaller one some pairs were trained twice in the epoch and others never."""
+    trained = []
+    sample = Trainer.sample
+
+    def record(self, idx):
+        trained.extend(int(i) for i in idx)
+        return sample(self, idx)
+
+    monkeypatch.setattr(Trainer, "sample", record)
+    out, small = tmp_path / "run", ("model.d_model=32", "model.dropout=0.0")
+    train(load_recipe(SMOKE_RECIPE, overrides(out, *small, "train.max_tokens=4000", "train.max_updates=5")))
+    first = len(trained)
+    cfg = load_recipe(SMOKE_RECIPE, overrides(out, *small, "train.max_tokens=1500", "train.max_updates=0"))
+    summary = train(cfg, resume=True)
+    assert summary["epochs"] == 1
+    n_pairs = len(binarize_recipe(cfg, open_corpus(cfg.data), out / "spm.model", build=False)["train"])
+    assert 0 < first < n_pairs // 2
+    assert sorted(trained) == list(range(n_pairs))  # every pair once, the first run's included

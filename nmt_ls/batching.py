@@ -273,5 +273,18 @@ def update_size(n_batches: int, done: int, world_size: int, update_freq: int) ->
     tail is dropped, as ``shard`` drops it). The update's batches are
     ``batches[done : done + n]``, worker r's the ``shard`` of them; so a run resumed on another
     number of workers goes on at batch ``done``, the first that no worker has trained."""
+    return min(update_freq * world_size, trainable_batches(n_batches, done, world_size))
+
+
+def updates_left(n_batches: int, done: int, world_size: int, update_freq: int) -> int:
+    """How many updates :func:`update_size` makes of an epoch's ``n_batches`` once its first
+    ``done`` are trained: ``ceil(b / (update_freq * world_size))`` of the ``b`` trainable batches
+    left, the last update taking the batches that remain."""
+    return -(-trainable_batches(n_batches, done, world_size) // (update_freq * world_size))
+
+
+def trainable_batches(n_batches: int, done: int, world_size: int) -> int:
+    """The batches left after the first ``done`` that feed ``world_size`` workers alike (the
+    tail of fewer than ``world_size`` is dropped)."""
     left = n_batches - done
-    return min(update_freq * world_size, left - left % world_size)
+    return left - left % world_size

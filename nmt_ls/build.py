@@ -130,6 +130,8 @@ def check_config(cfg: RunConfig) -> None:
     for key, (least, most) in RANGES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
+        if not math.isfinite(value):  # a bound of inf is no bound, not a value (0 is "none" where allowed)
+            raise ValueError(f"{key} must be a finite number, got {value}")
         if not least <= value <= most:
             bounds = f">= {least}" if most == math.inf else f"in [{least}, {most}]"
             raise ValueError(f"{key} must be {bounds}, got {value}")

@@ -1,10 +1,11 @@
 """The time planner: a budget of minutes becomes a number of updates for a wsd schedule.
 
 A :class:`Planner` is given a clock, the schedule and a decoding probe. The loop tells it of each
-update, validation, save and epoch start; from the update rate measured over each window of
-``plan_window_updates`` updates, the seconds of a validation and the test decoding still to come,
-it fixes the total updates (:func:`plan_total_updates`) whose cooldown ends inside the budget, and
-it says when the time is up. Its state (:class:`PlanState`) is saved flat in every checkpoint.
+update, validation, save and epoch start; from the update rate measured in windows of
+``plan_window_updates`` updates (:class:`UpdateRate`), the seconds of a validation and the test
+decoding still to come, it fixes the total updates (:func:`plan_total_updates`) whose cooldown
+ends inside the budget, and it says when the time is up. Its state (:class:`PlanState`) is saved
+flat in every checkpoint.
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ log = logging.getLogger(__name__)
 # estimates may be off a little and the run still ends inside the budget; past the budget it stops,
 # cooldown done or not. A new plan replaces the one in force when it moves by more than PLAN_SLACK.
 PLAN_TARGET, PLAN_SLACK = 0.97, 0.005
-# Seconds kept after test decoding for loading the best checkpoint, scoring and the plot.
-RUN_TAIL_S = 20.0
+# Seconds kept after test decoding for scoring, the plot and the imports they need, and for loading
+# the best checkpoint and exporting it to CTranslate2, which take about TAIL_SAVES checkpoint saves
+# (on 2 cores: 5 s in all for a 45M-parameter model, whose save took 0.6 s; 1.2 s for 0.15M).
+RUN_TAIL_S, TAIL_SAVES = 5.0, 4.0
+# A window whose rate is off the run's by more than this share means the machine changed speed.
+RATE_SHIFT = 0.25
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,30 @@ class Probe:
     validation_s: float  # seconds of a validation (0: not measured)
 
 
+class UpdateRate:
+    """Seconds per update, measured in windows of ``window_updates`` updates: the mean over every
+    window since the rate last shifted (a window off that mean by more than ``RATE_SHIFT``, when
+    the machine slows down or speeds up, starts the mean again). The mean of a steady machine
+    settles, so the plans made from it do too, where each window's own rate would scatter them."""
+
+    def __init__(self, window_updates: int):
+        self.window_updates = window_updates
+        self.window, self.window_s = 0, 0.0  # updates and seconds of the window being filled
+        self.updates, self.seconds = 0, 0.0  # of the windows since the last shift
+
+    def add(self, seconds: float) -> float | None:
+        """One more update of ``seconds``; the seconds per update when it fills a window, else None."""
+        self.window, self.window_s = self.window + 1, self.window_s + seconds
+        if self.window < self.window_updates:
+            return None
+        window_rate = self.window_s / self.window
+        if self.updates and abs(window_rate * self.updates / self.seconds - 1) > RATE_SHIFT:
+            self.updates, self.seconds = 0, 0.0
+        self.updates, self.seconds = self.updates + self.window, self.seconds + self.window_s
+        self.window, self.window_s = 0, 0.0
+        return self.seconds / self.updates
+
+
 class Planner:
     """Plans a wsd schedule's total updates from a time budget, measured on the clock.
 
@@ -166,7 +195,7 @@ class Planner:
         self.budget, self.scheduler, self.state = budget, scheduler, state
         self.clock, self.probe, self.world = clock, probe, world
         self.origin = clock() - state.elapsed  # when the run, all its processes together, started
-        self.window_updates, self.window_s = 0, 0.0
+        self.rate = UpdateRate(budget.window_updates)
         self.skip = 1  # the first update of a process is not timed (allocations, kernel choice)
         self.save_s = 0.0  # seconds of one checkpoint save, the last measured
         self.refit = False  # resumed with another budget: the next plan re-fits the schedule
@@ -181,11 +210,12 @@ class Planner:
         return self.state.elapsed
 
     def reserve_s(self) -> float:
-        """Seconds kept for decoding the test set greedy and with beam search after training."""
+        """Seconds kept after training for decoding the test set greedy and with beam search, then
+        loading, exporting and scoring the best checkpoint (``RUN_TAIL_S``, ``TAIL_SAVES``)."""
         s = self.state
         if not self.budget.test_sentences:
             return 0.0
-        return self.budget.test_sentences * s.greedy_s * (1 + s.beam_ratio) + RUN_TAIL_S
+        return self.budget.test_sentences * s.greedy_s * (1 + s.beam_ratio) + RUN_TAIL_S + TAIL_SAVES * self.save_s
 
     def deadline_s(self) -> float:
         """Seconds into the run by which training must have stopped (inf without a budget)."""
@@ -196,26 +226,24 @@ class Planner:
         return self.world.any(self.state.elapsed >= self.deadline_s())
 
     def on_update(self, seconds: float, runway: Runway) -> None:
-        """One update took ``seconds``: when the window is full, its rate becomes the run's (rank
-        0's on every worker) and the plan is fixed again."""
+        """One update took ``seconds``: when a window is full, the run's rate (:class:`UpdateRate`,
+        rank 0's on every worker) is measured again and the plan is fixed again."""
         if self.skip:
             self.skip -= 1
             return
-        self.window_updates, self.window_s = self.window_updates + 1, self.window_s + seconds
-        if self.window_updates >= self.budget.window_updates:
-            self.state.update_s = self.world.broadcast(self.window_s / self.window_updates)
-            self.window_updates, self.window_s = 0, 0.0
+        if (update_s := self.rate.add(seconds)) is not None:
+            self.state.update_s = self.world.broadcast(update_s)
             self.plan(runway)
 
     def on_validation(self, seconds: float, greedy_s: float, runway: Runway) -> None:
-        """A validation took ``seconds`` and decoded at ``greedy_s`` a sentence (rank 0's)."""
-        seconds, self.state.greedy_s = self.world.broadcast((seconds, greedy_s))
-        self.state.validation_s = seconds + self.save_s
+        """A validation took ``seconds`` and decoded at ``greedy_s`` a sentence (rank 0's, with
+        its last save's seconds, on every worker)."""
+        self.state.validation_s, self.state.greedy_s = self.world.broadcast((seconds + self.save_s, greedy_s))
         self.plan(runway)
 
     def on_save(self, seconds: float) -> None:
-        """One checkpoint save took ``seconds``."""
-        self.save_s = seconds
+        """One checkpoint save took ``seconds`` (rank 0's, which writes it, on every worker)."""
+        self.save_s = self.world.broadcast(seconds)
 
     def plan(self, runway: Runway) -> None:
         """Fix the total updates whose cooldown ends at ``PLAN_TARGET`` of the budget, less the

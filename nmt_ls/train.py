@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nmt_ls import checkpoint
-from nmt_ls.batching import untrained_batches, update_size
+from nmt_ls.batching import untrained_batches, update_size, updates_left
 from nmt_ls.build import Built, check_config, choose_precision, describe, setup, to_sample
 from nmt_ls.config import RunConfig, to_dict
 from nmt_ls.evaluate import corpus_bleu
@@ -83,7 +83,8 @@ class Trainer:
 
     def __init__(self, built: Built, state: TrainState, plan, clock: Callable[[], float]):
         self.built, self.state, self.clock = built, state, clock
-        budget = Budget.of(built.cfg.train, len(built.test_pairs))
+        # the main worker alone reads the test split; every worker plans for its decoding alike
+        budget = Budget.of(built.cfg.train, built.world.broadcast(len(built.test_pairs)))
         self.planner = Planner(budget, built.scheduler, plan, clock, self.probe_decoding, built.world)
         self.epoch_batches = 0  # the current epoch's batches, all workers' together
         self.outputs: list[dict] = []  # the updates' logging outputs since the last train line
@@ -95,6 +96,7 @@ class Trainer:
     def train(self) -> dict:
         b, s, t = self.built, self.state, self.built.cfg.train
         b.model.train()
+        self.check_time_left()
         while True:
             data = b.train_data
             batches = untrained_batches(data.src_lens, data.tgt_lens, t.max_tokens, t.seed, s.epoch, s.earlier_budgets)
@@ -115,16 +117,29 @@ class Trainer:
             b.writer.close()
         return self.summarize(reason)
 
+    def check_time_left(self) -> None:
+        """A run whose ``train.max_minutes`` is spent before its first update (by the set-up and
+        the seconds kept after training) stops here, in one line, rather than decode and score an
+        untrained model; what the set-up built (tokenizer, binarized data) is kept for the next try."""
+        p, minutes = self.planner, self.built.cfg.train.max_minutes
+        p.tick()
+        if self.state.update == 0 and p.time_up():
+            kept = f" and {p.reserve_s():.0f} s are kept for decoding the test split" if p.budget.test_sentences else ""
+            raise ValueError(
+                f"train.max_minutes={minutes:g} ({60 * minutes:.0f} s) leaves no time to train: the set-up took "
+                f"{p.state.elapsed:.0f} s{kept}; raise train.max_minutes"
+            )
+
     def train_epoch(self, batches: list) -> str | None:
         """Train on the epoch's ``batches`` (all workers', in the same order on each) from
         ``state.global_batch`` on, each worker on its shard of every update's batches
         (:func:`~nmt_ls.batching.update_size`), until the epoch ends (None) or
         :meth:`stop_reason` says stop (returned)."""
         b, s, t = self.built, self.state, self.built.cfg.train
-        world, per_update = b.world, t.update_freq * b.world.world_size
+        world, per_epoch = b.world, self.epoch_updates(len(batches))
         bar = tqdm(
-            total=math.ceil(len(batches) / per_update),
-            initial=s.global_batch // per_update,
+            total=per_epoch,
+            initial=per_epoch - self.epoch_updates(len(batches), s.global_batch),
             desc=f"epoch {s.epoch + 1}",
             disable=not world.is_main,
             mininterval=2.0,
@@ -233,13 +248,14 @@ class Trainer:
         """What is left of the run, in updates, for the planner."""
         s, t = self.state, self.built.cfg.train
         per_epoch = self.epoch_updates(self.epoch_batches)
-        epoch_left = self.epoch_updates(self.epoch_batches - s.global_batch)
+        epoch_left = self.epoch_updates(self.epoch_batches, s.global_batch)
         epochs_after = t.max_epochs - s.epoch - 1
         return Runway(s.update, epoch_left, per_epoch, epochs_after, t.validate_every_updates, s.validated_at)
 
-    def epoch_updates(self, n_batches: int) -> int:
-        """Updates in an epoch of ``n_batches`` (all workers' together)."""
-        return n_batches // (self.built.cfg.train.update_freq * self.built.world.world_size)
+    def epoch_updates(self, n_batches: int, done: int = 0) -> int:
+        """Updates the loop makes in an epoch of ``n_batches`` (all workers' together) once its
+        first ``done`` are trained (:func:`~nmt_ls.batching.updates_left`, as ``update_size`` steps)."""
+        return updates_left(n_batches, done, self.built.world.world_size, self.built.cfg.train.update_freq)
 
     def stop_reason(self) -> str | None:
         """Why training must stop now (the same answer on every worker), or None."""

@@ -1,3 +1,4 @@
+import itertools
 import random
 
 import numpy as np
@@ -6,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nmt_ls.batching import Batch, TokenBudget, batch_by_tokens, collate, shard, update_size
+from nmt_ls.batching import Batch, TokenBudget, batch_by_tokens, collate, shard, update_size, updates_left
 
 PAD, BOS, EOS = 0, 2, 3
 
@@ -205,6 +206,19 @@ def test_resume_on_other_world_sizes_trains_each_batch_once():
     assert shards[3] == [[10, 13], [11, 14], [12, 15]]
     assert trained == list(range(22))
     assert update_size(len(batches), 22, 3, 2) == 0 and update_size(len(batches), 22, 1, 2) == 1
+
+
+def test_updates_left_counts_the_updates_the_loop_makes_with_the_last_from_the_rest():
+    """The planner's count of an epoch's updates is the loop's: update_size stepped to the epoch's
+    end, the last update taking the batches that remain (43 batches, update_freq 64: one update,
+    where 43 // 64 planned none)."""
+    assert updates_left(43, 0, 1, 64) == 1 and updates_left(43, 0, 1, 2) == 22
+    for n_batches, world_size, update_freq in itertools.product(range(1, 30), (1, 2, 3), (1, 2, 5, 64)):
+        for done in range(n_batches + 1):
+            steps, at = 0, done
+            while n := update_size(n_batches, at, world_size, update_freq):
+                steps, at = steps + 1, at + n
+            assert updates_left(n_batches, done, world_size, update_freq) == steps
 
 
 def test_shard_bad_arguments():

@@ -176,6 +176,31 @@ def test_run_under_torchrun_outlasts_a_slow_setup_and_reports_once(tmp_path):
     assert json.loads((out / "summary.json").read_text())["train"]["updates"] == 2
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_planned_run_validating_before_its_first_plan_plans_alike_on_every_worker(tmp_path):
+    """A planned `nmt-ls run` whose first validation (update 1) comes before its first plan
+    (update 3): every worker knows the test split's size, so all enter the decoding probe's
+    broadcast at the first plan (before, rank 0 alone did, and rank 1 took the probe for the
+    planned total: TypeError)."""
+    out = tmp_path / "run"
+    args = overrides(
+        out,
+        "train.lr_scheduler='wsd'",
+        "train.max_updates=0",
+        "train.max_minutes=5",
+        "train.max_epochs=1",
+        "train.max_tokens=8000",
+        "train.validate_every_updates=1",
+        "train.plan_window_updates=2",
+        "eval.beam_size=2",
+    )
+    proc = run([*TORCHRUN[:-1], "run", str(ROOT / "recipes" / "smoke.yaml"), *args])
+    summary = json.loads((out / "summary.json").read_text())["train"]
+    epoch = summary["planned_updates"]  # capped where max_epochs ends the run
+    assert epoch > 3 and summary["updates"] == epoch and summary["epochs"] == 1
+    assert proc.stdout.count("test BLEU") == 1
+
+
 def test_dist_timeout_must_be_positive():
     cfg = load_recipe(str(ROOT / "recipes" / "smoke.yaml"), ["train.dist_timeout_minutes=0"])
     with pytest.raises(ValueError, match=r"train.dist_timeout_minutes must be > 0, got 0"):

@@ -5,6 +5,7 @@ it is; the clock is a parameter (``train(cfg, clock=...)``) and the clocked crit
 (tests/conftest.py) spends its time. The test decoding's reserve is a unit test of the Planner."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from nmt_ls import checkpoint
 from nmt_ls.distributed import World
 from nmt_ls.optim import WarmupStableDecay, wsd_factor
-from nmt_ls.planner import PLAN_TARGET, RUN_TAIL_S, Budget, Planner, PlanState, Probe, Runway
+from nmt_ls.planner import PLAN_TARGET, RUN_TAIL_S, TAIL_SAVES, Budget, Planner, PlanState, Probe, Runway
 
 from conftest import FakeClock
 
@@ -102,9 +103,23 @@ def test_max_epochs_caps_the_plan_so_the_cooldown_still_ends(tmp_path, clocked):
     assert summary["updates"] == 2 * one_epoch["updates"] and summary["epochs"] == 2
 
 
+def test_max_epochs_caps_the_plan_at_the_updates_the_loop_makes_with_update_freq(tmp_path, clocked):
+    # an epoch of B batches with update_freq B // 2 + 1 is two updates, the second from the rest
+    # of the batches: three epochs are six updates (the planner counted B // update_freq = 1 an
+    # epoch and stopped the run after four, in its second epoch)
+    extra = (*WSD, "train.max_minutes=10", "train.warmup_steps=2", "train.max_tokens=12000")
+    batches = clocked(tmp_path / "probe", *extra, "train.max_epochs=1")[1]["updates"]
+    update_freq = batches // 2 + 1
+    extra = (*extra, "train.max_epochs=3", f"train.update_freq={update_freq}", "train.plan_window_updates=1")
+    summary = clocked(tmp_path / "run", *extra)[1]
+    assert batches % update_freq and summary["planned_updates"] > 0
+    assert summary["updates"] == 6 and summary["epochs"] == 3
+    assert ends_its_cooldown(summary) and saves_hold_the_plan(summary)
+
+
 def test_test_decoding_is_reserved_from_the_probe_and_training_stops_before_it():
     # 200 test sentences decoded at 0.05 s a sentence greedy and 2x that with beam: 200 * 0.05 * 3
-    # + 20 = 50 s of a 90 s budget are kept; 0.1 s updates, no validation but the last
+    # + RUN_TAIL_S = 35 s of a 90 s budget are kept; 0.1 s updates, no validation but the last
     clock, probes = FakeClock(), []
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.002)
     sched = WarmupStableDecay(optimizer, warmup_steps=2)
@@ -124,10 +139,12 @@ def test_test_decoding_is_reserved_from_the_probe_and_training_stops_before_it()
         planner.tick()
         planner.on_update(0.1, Runway(update, epoch_left=10**6, per_epoch=10**6, epochs_after=0))
     assert probes == [True]  # once, at the first plan, with a validation's time
-    assert planner.reserve_s() == pytest.approx(200 * 0.05 * 3 + RUN_TAIL_S)
-    assert planner.deadline_s() == pytest.approx(90 - 50)
+    reserve = 200 * 0.05 * 3 + RUN_TAIL_S
+    assert planner.reserve_s() == pytest.approx(reserve) and planner.deadline_s() == pytest.approx(90 - reserve)
     assert update == state.planned_updates and optimizer.param_groups[0]["lr"] == 0.0
-    assert PLAN_TARGET * 90 - 50 - 2 <= state.elapsed <= 90 - 50
+    assert PLAN_TARGET * 90 - reserve - 2 <= state.elapsed <= 90 - reserve
+    planner.on_save(0.5)  # loading and exporting the best checkpoint take about TAIL_SAVES saves
+    assert planner.reserve_s() == pytest.approx(reserve + TAIL_SAVES * 0.5)
 
 
 def test_resume_with_a_larger_budget_extends_the_plan(tmp_path, clocked, caplog):
@@ -154,3 +171,44 @@ def test_resume_with_a_larger_total_and_another_lr_refits_the_schedule(tmp_path,
     assert summary["updates"] == 30 and summary["final_lr"] == 0.0
     want = [0.001 * wsd_factor(k, 4, 30, 6, 0.0) for k in range(20, 30)]  # as if pinned at 30 from the start
     assert train_lrs(out)[20:] == pytest.approx(want, rel=1e-9)
+
+
+def planned_run(update_s, max_minutes=2.0, validate_every=25, validation_s=0.5):
+    """Drive a Planner on a fake clock as the loop does: updates of ``update_s(n)`` seconds, a
+    validation every ``validate_every`` updates, windows of 20 updates (the default), until the
+    plan or the time says stop. Returns (updates done, the plans in force one after another,
+    seconds of the run, the last lr)."""
+    clock = FakeClock()
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.002)
+    sched = WarmupStableDecay(optimizer, warmup_steps=10)
+    budget = Budget(max_minutes=max_minutes, planning=True, window_updates=20, warmup_steps=10)
+    probe = lambda need_validation: Probe(greedy_s=0.01, beam_ratio=2.0, validation_s=validation_s)  # noqa: E731
+    planner = Planner(budget, sched, PlanState(), clock, probe, World(0, 1, torch.device("cpu")))
+    update, state, plans = 0, planner.state, []
+    runway = lambda: Runway(update, 10**6, 10**6, 0, validate_every, update // validate_every * validate_every)  # noqa: E731
+    while not (state.planned_updates and update >= state.planned_updates) and not planner.time_up():
+        seconds = update_s(update)
+        clock.advance(seconds)
+        optimizer.step()
+        sched.step()
+        update += 1
+        planner.tick()
+        planner.on_update(seconds, runway())
+        if update % validate_every == 0:
+            clock.advance(validation_s)
+            planner.on_validation(validation_s, 0.01, runway())
+        if state.planned_updates and state.planned_updates != (plans or [0])[-1]:
+            plans.append(state.planned_updates)
+    return update, plans, planner.tick(), optimizer.param_groups[0]["lr"]
+
+
+def test_a_steady_rate_with_noise_fixes_the_plan_a_few_times_only():
+    # 0.1 s per update +-10% at random (seeded), 2 minutes: about 1,100 updates in 55 windows.
+    # Each window's own rate is off by a few per cent, and a plan made from it moved by more than
+    # its slack at 22-30 of them; the rate over all windows settles, and so does the plan
+    for seed in range(3):
+        rng = random.Random(seed)
+        updates, plans, seconds, lr = planned_run(lambda n: 0.1 * rng.uniform(0.9, 1.1))
+        assert len(plans) <= 5, plans
+        assert updates == plans[-1] and lr == 0.0  # the cooldown ends
+        assert PLAN_TARGET * 120 - 3 <= seconds <= 120

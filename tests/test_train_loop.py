@@ -164,6 +164,15 @@ def test_bad_options_fail_before_any_data_work(tmp_path, capsys, override, match
     assert not (tmp_path / "run" / "spm.model").exists()
 
 
+@pytest.mark.parametrize("value", [".inf", ".nan"])
+def test_an_infinite_or_nan_max_minutes_is_refused_in_one_line_before_any_data_work(tmp_path, capsys, value):
+    # inf passed the range check (its upper bound is inf) and ended in an OverflowError at the first plan
+    args = overrides(tmp_path / "run", "train.lr_scheduler='wsd'", "train.max_updates=0", f"train.max_minutes={value}")
+    assert main(["train", SMOKE_RECIPE, *args, f"data.dir={str(tmp_path / 'missing')!r}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"nmt-ls train: error: train.max_minutes must be a finite number, got {value[1:]}", err
+
+
 def test_prepare_without_apt_get_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get, no dpkg-deb
     args = [f"out_dir={str(tmp_path / 'run')!r}", "data.corpus='lohelp_en_de'", f"data.dir={str(tmp_path / 'data')!r}"]
@@ -413,3 +422,20 @@ def test_resume_with_another_max_tokens_mid_epoch_trains_each_pair_once(tmp_path
     n_pairs = len(binarize_recipe(cfg, open_corpus(cfg.data), out / "spm.model", build=False)["train"])
     assert 0 < first < n_pairs // 2
     assert sorted(trained) == list(range(n_pairs))  # every pair once, the first run's included
+
+
+def test_a_run_whose_budget_is_spent_before_the_first_update_stops_in_one_line(tmp_path, capsys):
+    # 3 s cannot hold the set-up and the seconds kept for the test split: before, the run trained
+    # an update or none, decoded the test split with the untrained model and exited 0
+    out = tmp_path / "run"
+    args = overrides(out, "train.lr_scheduler='wsd'", "train.max_updates=0", "train.max_minutes=0.05")
+    assert main(["run", SMOKE_RECIPE, *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.fullmatch(
+        r"nmt-ls run: error: train.max_minutes=0.05 \(3 s\) leaves no time to train: the set-up took \d+ s "
+        r"and \d+ s are kept for decoding the test split; raise train.max_minutes",
+        err.strip().splitlines()[-1],  # after the set-up's log lines
+    ), err
+    assert not any((out / name).exists() for name in ("checkpoint_last.pt", "test.beam.de", "summary.json"))
+    assert (out / "spm.model").exists()  # the set-up is kept for the next try

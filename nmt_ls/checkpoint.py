@@ -117,11 +117,11 @@ def training_state(stateful: dict, config: dict, spm_path: str | Path, progress:
     }
 
 
-def restore_training(ckpt: dict, model: nn.Module, optimizer, scheduler, rank: int, world_size: int) -> None:
-    """Load model, optimizer and scheduler state, and worker ``rank``'s RNG states."""
+def restore_training(ckpt: dict, model: nn.Module, optimizer, rank: int, world_size: int) -> None:
+    """Load the model, the optimizer's state (:func:`load_optimizer_state`) and worker ``rank``'s
+    RNG states. The schedule's state is :func:`nmt_ls.resume.restore`'s: the recipe may change it."""
     model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
+    load_optimizer_state(optimizer, ckpt["optimizer"])
     rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # before nmt_ls 0.2: rank 0's only
     if len(rngs) != world_size and rank == 0:
         log.warning(
@@ -130,6 +130,18 @@ def restore_training(ckpt: dict, model: nn.Module, optimizer, scheduler, rank: i
             world_size,
         )
     restore_rng(rngs[rank % len(rngs)])
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load ``state`` (moment estimates, step counts) into ``optimizer`` and keep the optimizer's
+    own hyper-parameters (weight decay, eps, betas: the recipe's; fairseq's optimizer states the
+    same preference), but for the lrs, which the loaded state and then the schedule set."""
+    own = [
+        {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")} for group in optimizer.param_groups
+    ]
+    optimizer.load_state_dict(state)
+    for group, hyper in zip(optimizer.param_groups, own):
+        group.update(hyper)
 
 
 def average_checkpoints(paths: list[str | Path]) -> dict:

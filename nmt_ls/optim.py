@@ -7,6 +7,7 @@ be fixed after training has started (:mod:`nmt_ls.planner` turns a time budget i
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -113,7 +114,8 @@ class WarmupStableDecay(torch.optim.lr_scheduler.LRScheduler):
     later with :meth:`set_total_updates`, e.g. from :func:`plan_total_updates` once the
     update rate is measured, and fixed again as often as the rate changes. A total whose
     cooldown would have begun already starts it now, from the lr of now, so the lr never
-    jumps up and still reaches ``end_lr`` at the new total. It is all part of
+    jumps up and still reaches ``end_lr`` at the new total. A re-fit (``--resume`` with a new
+    total, budget or shape) takes the new schedule's lrs instead. It is all part of
     :meth:`state_dict`, so a resumed run keeps it.
 
     Args:
@@ -172,37 +174,54 @@ class WarmupStableDecay(torch.optim.lr_scheduler.LRScheduler):
             start, level = self.warmup_from
             return level + (1.0 - level) * (step + 1 - start) / (self.warmup_steps - start)
         if self.cooldown_from is None or step < self.cooldown_start:
-            shape = WsdShape(self.cooldown_fraction, self.stable_phase, self.cooldown_shape)
-            return wsd_factor(step, self.warmup_steps, self.total_updates, self.cooldown_updates, self.end_ratio, shape)
+            return wsd_factor(
+                step, self.warmup_steps, self.total_updates, self.cooldown_updates, self.end_ratio, self.shape
+            )
         progress = min(1.0, (step - self.cooldown_start) / max(1, self.cooldown_updates))
         left = 1.0 - (progress if self.cooldown_shape == "linear" else math.sqrt(progress))
         return self.end_ratio + (self.cooldown_from - self.end_ratio) * left
+
+    @property
+    def shape(self) -> WsdShape:
+        return WsdShape(self.cooldown_fraction, self.stable_phase, self.cooldown_shape)
 
     def get_lr(self) -> list[float]:
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]
 
     def set_total_updates(self, total_updates: int, warmup_steps: int | None = None, refit: bool = False) -> None:
         """Fix the run's length (cooldown included) now, and the warmup if given; the next update
-        already takes its lr. If the cooldown of ``total_updates`` would have begun before now
-        (or the current one has, unless ``refit``), the cooldown runs from now to
-        ``total_updates``, from the lr of now. With ``refit`` (a resumed run given a longer
-        budget), a total whose cooldown starts later takes the lrs it would have given from the
-        start: the stable phase, then its cooldown."""
+        already takes its lr.
+
+        A plan that changes while the run trains (``refit`` False): if the cooldown in force has
+        begun, or that of ``total_updates`` would have begun before now, the cooldown runs from
+        the lr of now to ``end_lr`` at ``total_updates``, so the lr never rises after the warmup;
+        otherwise the stable phase goes on to the new total's cooldown. With ``refit`` (``--resume``
+        with a new total, budget or shape: the recipe's schedule changed), the updates to come take
+        the lrs the new total gives from the start, wherever its cooldown starts: a finished run
+        extended goes on at the new total's lr of now, not at ``end_lr``."""
         done = max(self.last_epoch, 0)
         now = self.factor(done)
-        began = self.total_updates and done > self.cooldown_start and not refit
+        began = self.total_updates and done > self.cooldown_start
         if warmup_steps is not None and warmup_steps != self.warmup_steps:
             # a warmup of another length goes on from the lr of now, linearly to the peak
             self.warmup_from = (done, now) if done < warmup_steps else None
             self.warmup_steps = warmup_steps
         cooldown = round(self.cooldown_fraction * total_updates)
-        if total_updates and (began or total_updates - cooldown < done):
+        if total_updates and not refit and (began or total_updates - cooldown < done):
             total = max(total_updates, done)
             self.total_updates, self.cooldown_updates, self.cooldown_from = total, total - done, now
         else:
             self.total_updates, self.cooldown_updates = self._checked_total(total_updates)
             self.cooldown_from = None
         self.set_peak(self.base_lrs[0], self.end_ratio * self.base_lrs[0])
+
+    def set_shape(self, shape: WsdShape) -> None:
+        """Change the cooldown's share and shape and the stable phase (``--resume`` with a new
+        recipe): the updates to come take the lrs of the new shape at the same total, as a re-fit
+        of :meth:`set_total_updates`."""
+        self.cooldown_fraction, self.stable_phase = shape.cooldown_fraction, shape.stable_phase
+        self.cooldown_shape = shape.cooldown_shape
+        self.set_total_updates(self.total_updates, refit=True)
 
     def set_peak(self, lr: float, end_lr: float) -> None:
         """Change the peak lr and ``end_lr`` (e.g. on resume with a new recipe); the schedule's
@@ -214,6 +233,18 @@ class WarmupStableDecay(torch.optim.lr_scheduler.LRScheduler):
             group["initial_lr"] = base
             group["lr"] = base * self.factor(max(self.last_epoch, 0))
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def go_to_update(scheduler: torch.optim.lr_scheduler.LRScheduler, update: int) -> None:
+    """Put ``scheduler`` at update ``update`` (the 0-based index of the next update), as if it had
+    run from the start: its param groups take its peak lrs and its lr there. For a schedule built
+    afresh on ``--resume``, of another kind than the checkpoint's."""
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["initial_lr"] = base
+    scheduler.last_epoch = update - 1
+    with warnings.catch_warnings():  # no update is skipped: the next optimizer step takes this lr
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+        scheduler.step()
 
 
 def check_schedule(name: str, max_updates: int, lr: float, end_lr: float) -> None:

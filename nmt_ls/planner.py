@@ -27,6 +27,10 @@ PLAN_TARGET, PLAN_SLACK = 0.97, 0.005
 RUN_TAIL_S, TAIL_SAVES = 5.0, 4.0
 # A window whose rate is off the run's by more than this share means the machine changed speed.
 RATE_SHIFT = 0.25
+# A re-plan leaves at least this share of the plan's cooldown (at least one update) to train: a late
+# measurement that leaves no time cools down fast, in the slack PLAN_TARGET keeps, rather than
+# stopping at the lr of now.
+MIN_COOLDOWN_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,7 @@ class Planner:
         self.skip = 1  # the first update of a process is not timed (allocations, kernel choice)
         self.save_s = 0.0  # seconds of one checkpoint save, the last measured
         self.refit = False  # resumed with another budget: the next plan re-fits the schedule
+        self.stopped = False  # training is over (see stop)
 
     def start(self, started: float) -> None:
         """The budget counts from ``started`` (the command's start, on the clock), set-up included."""
@@ -249,22 +254,47 @@ class Planner:
         """Fix the total updates whose cooldown ends at ``PLAN_TARGET`` of the budget, less the
         test decoding's reserve, from the last measured rate (validations to come counted; capped
         where ``max_epochs`` ends the run). A plan that moves by more than ``PLAN_SLACK`` replaces
-        the one in force (from the lr of now if its cooldown has begun). The first plan also sizes
-        the warmup: at most ``max_warmup_fraction`` of the run. Every worker takes rank 0's plan."""
+        the one in force (from the lr of now if its cooldown has begun), but never ends the run
+        sooner than :meth:`shortest_total`; once training is over (:meth:`over`) the plan stays
+        the one trained. The first plan also sizes the warmup: at most ``max_warmup_fraction`` of
+        the run. Every worker takes rank 0's plan."""
         s, b = self.state, self.budget
         if not b.planning or s.update_s <= 0:
             return
         self.tick()
+        if self.over(runway.done):
+            return
         if not s.validation_s or (b.test_sentences and not s.beam_ratio):
             self.measure_decoding()
         seconds_left = PLAN_TARGET * 60 * b.max_minutes - self.reserve_s() - s.elapsed
         total = plan_total_updates(
             seconds_left, s.update_s, runway.done, runway.cadence, s.validation_s, runway.max_total
         )
-        total = self.world.broadcast(total)
+        total = max(self.world.broadcast(total), self.shortest_total(runway.done))
         if s.planned_updates and abs(total - s.planned_updates) <= PLAN_SLACK * s.planned_updates and not self.refit:
             return
         self.fix(total, runway.done)
+
+    def stop(self) -> None:
+        """Training is over (the loop stopped, for whatever reason): later measurements, such as
+        the last validation's, leave the plan as it was trained, so the checkpoint holds it."""
+        self.stopped = True
+
+    def over(self, done: int) -> bool:
+        """Is training over: stopped, or the plan's last update trained (unless a resumed run is
+        to re-fit the plan to a new budget)?"""
+        planned = self.state.planned_updates
+        return self.stopped or (planned > 0 and done >= planned and not self.refit)
+
+    def shortest_total(self, done: int) -> int:
+        """The total below which a re-plan after update ``done`` may not go: ``MIN_COOLDOWN_SHARE``
+        of the planned cooldown (at least one update) from now, so that the lr still cools down to
+        ``end_lr``, or the plan in force if it ends sooner; ``done`` before the first plan."""
+        planned = self.state.planned_updates
+        if not planned:
+            return done
+        cooldown = round(self.scheduler.cooldown_fraction * planned)
+        return min(planned, done + max(1, math.ceil(MIN_COOLDOWN_SHARE * cooldown)))
 
     def measure_decoding(self) -> None:
         """Decoding speed (and a validation's seconds, if none was measured) from the probe."""

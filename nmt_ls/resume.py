@@ -1,6 +1,7 @@
 """What the loop advances and saves, and ``--resume``: :class:`TrainState` (with the planner's
 :class:`~nmt_ls.planner.PlanState`) is saved flat in every checkpoint; :func:`restore` loads a
-checkpoint's states into a fresh set-up and applies what the recipe changed in the schedule.
+checkpoint's states into a fresh set-up and applies what the recipe changed in the optimizer and
+the schedule.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from pathlib import Path
 
 from nmt_ls import checkpoint
 from nmt_ls.config import DROPOUTS, RunConfig, differences, to_dict
-from nmt_ls.optim import WarmupStableDecay
+from nmt_ls.optim import WarmupStableDecay, WsdShape, go_to_update
 from nmt_ls.planner import Budget, PlanState
 
 log = logging.getLogger(__name__)
+
+# The optimizer's hyper-parameters in the recipe: a resumed run takes them (and logs a change).
+OPTIMIZER_KEYS = ("betas", "adam_eps", "weight_decay")
 
 
 @dataclass
@@ -72,7 +76,7 @@ def restore(built, ckpt: dict | None) -> tuple[TrainState, PlanState, bool]:
         if world.is_main and log_path.exists():
             log_path.unlink()
         return TrainState(), PlanState(), False
-    checkpoint.restore_training(ckpt, built.model, built.optimizer, built.scheduler, world.rank, world.world_size)
+    checkpoint.restore_training(ckpt, built.model, built.optimizer, world.rank, world.world_size)
     state = TrainState(**_fields(TrainState, ckpt))
     plan = PlanState(**_fields(PlanState, ckpt))
     saved_by = len(ckpt["rng"]) if isinstance(ckpt["rng"], list) else 1  # the workers that saved it
@@ -89,7 +93,7 @@ def restore(built, ckpt: dict | None) -> tuple[TrainState, PlanState, bool]:
             saved_by,
             world.world_size,
         )
-    return state, plan, apply_schedule_changes(built, ckpt["config"]["train"], state.update)
+    return state, plan, apply_schedule_changes(built, ckpt, plan, state.update)
 
 
 def change_budget(state: TrainState, old: int, max_tokens: int) -> None:
@@ -113,18 +117,58 @@ def _fields(cls, ckpt: dict) -> dict:
     return {f.name: ckpt[f.name] for f in dataclasses.fields(cls) if f.name in ckpt}
 
 
-def apply_schedule_changes(built, old: dict, update: int) -> bool:
-    """On ``--resume``, apply what the recipe changed in the schedule: the peak and end lrs, and
-    a pinned wsd ``max_updates`` (the cooldown re-fitted to end there; from the lr of now if it
-    had begun). Returns whether a changed ``max_minutes`` must re-fit the plan."""
+def apply_schedule_changes(built, ckpt: dict, plan: PlanState, update: int) -> bool:
+    """On ``--resume``, what the recipe changed in the optimizer and the schedule applies from
+    ``update`` on, each change logged: the optimizer's hyper-parameters (kept by
+    :func:`~nmt_ls.checkpoint.restore_training`), another ``lr_scheduler`` (the recipe's schedule
+    goes on at ``update``), or in the checkpoint's schedule the changes of :func:`refit_schedule`.
+    A plan that the recipe no longer makes (a pinned ``max_updates``, no wsd, no ``max_minutes``)
+    is dropped, so that it no longer stops the run. Returns whether a changed ``max_minutes`` must
+    re-fit the plan."""
+    t, old = built.cfg.train, ckpt["config"]["train"]
+    changed = differences("train", {key: value for key, value in to_dict(t).items() if key in OPTIMIZER_KEYS}, old)
+    if changed:
+        log.info("--resume: %s applied", changes(changed))
+    if old.get("lr_scheduler", t.lr_scheduler) == t.lr_scheduler:
+        built.scheduler.load_state_dict(ckpt["scheduler"])
+        refit_schedule(built, old, update)
+    else:
+        go_to_update(built.scheduler, update)
+        log.info(
+            "--resume: train.lr_scheduler %s -> %s: the updates to come take its lrs from update %d on",
+            old["lr_scheduler"],
+            t.lr_scheduler,
+            update,
+        )
+    budget = Budget.of(t)
+    if plan.planned_updates and not budget.planning:
+        log.info(
+            "--resume: the plan of %d updates no longer applies (train.lr_scheduler=%s, train.max_updates=%d, "
+            "train.max_minutes=%g)",
+            plan.planned_updates,
+            t.lr_scheduler,
+            t.max_updates,
+            t.max_minutes,
+        )
+        plan.planned_updates = 0
+    if budget.planning and t.max_minutes != old["max_minutes"]:
+        log.info("--resume: train.max_minutes %g -> %g: the plan is fixed again", old["max_minutes"], t.max_minutes)
+        return True
+    return False
+
+
+def refit_schedule(built, old: dict, update: int) -> None:
+    """The recipe's peak and end lrs in the checkpoint's schedule (``old``: the checkpoint's train
+    config); for wsd also its shape and a pinned ``max_updates``, which re-fit the schedule: the
+    updates to come take the lrs of the new shape and total, as if set from the start
+    (:meth:`~nmt_ls.optim.WarmupStableDecay.set_total_updates`)."""
     t, sched = built.cfg.train, built.scheduler
     if (t.lr, t.end_lr) != (old["lr"], old["end_lr"]):
         if isinstance(sched, WarmupStableDecay):
             sched.set_peak(t.lr, t.end_lr)
         else:
             sched.base_lrs = [t.lr for _ in sched.base_lrs]
-            for group, lr in zip(built.optimizer.param_groups, sched.get_lr()):
-                group["initial_lr"], group["lr"] = t.lr, lr
+            go_to_update(sched, update)
         log.info(
             "--resume: train.lr %g -> %g and train.end_lr %g -> %g applied; the schedule goes on from update %d",
             old["lr"],
@@ -133,7 +177,14 @@ def apply_schedule_changes(built, old: dict, update: int) -> bool:
             t.end_lr,
             update,
         )
-    if isinstance(sched, WarmupStableDecay) and t.max_updates > 0 and t.max_updates != sched.total_updates:
+    if not isinstance(sched, WarmupStableDecay):
+        return
+    shape = WsdShape(t.cooldown_fraction, t.stable_phase, t.cooldown_shape)
+    if shape != sched.shape:
+        changed = differences("train", dataclasses.asdict(shape), dataclasses.asdict(sched.shape))
+        sched.set_shape(shape)
+        log.info("--resume: %s applied; cooldown from update %d", changes(changed), sched.cooldown_start)
+    if t.max_updates > 0 and t.max_updates != sched.total_updates:
         sched.set_total_updates(t.max_updates, refit=True)
         log.info(
             "--resume: the wsd schedule now ends at train.max_updates=%d (was %d); cooldown from update %d",
@@ -141,10 +192,11 @@ def apply_schedule_changes(built, old: dict, update: int) -> bool:
             old["max_updates"],
             sched.cooldown_start,
         )
-    if Budget.of(t).planning and t.max_minutes != old["max_minutes"]:
-        log.info("--resume: train.max_minutes %g -> %g: the plan is fixed again", old["max_minutes"], t.max_minutes)
-        return True
-    return False
+
+
+def changes(changed: list[tuple]) -> str:
+    """``differences``' triples as ``key old -> new, ...``."""
+    return ", ".join(f"{key} {theirs} -> {ours}" for key, ours, theirs in changed)
 
 
 def truncate_log(path: Path, update: int) -> None:

@@ -111,6 +111,7 @@ class Trainer:
             s.epoch, s.global_batch, s.earlier_budgets = s.epoch + 1, 0, []
             if s.validated_at != s.update:
                 self.validate_and_save()
+        self.planner.stop()  # the last validation leaves the plan as trained
         if s.validated_at != s.update:
             self.validate_and_save()
         if b.writer:

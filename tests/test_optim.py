@@ -11,6 +11,7 @@ from nmt_ls.optim import (
     build_optimizer,
     build_scheduler,
     decay_factor,
+    go_to_update,
     inverse_sqrt_factor,
     wsd_factor,
 )
@@ -219,6 +220,45 @@ def test_wsd_set_peak_keeps_the_shape():
         sched.step()
     sched.set_peak(1e-3, 0.0)  # update 15 of a cooldown from 10 to 20: half way
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5, rel=1e-12)
+
+
+def test_wsd_refit_of_a_finished_run_takes_the_new_totals_lrs():
+    # issue 29 row 2: a finished 20-update run (a cooldown of 4 from update 16) re-fitted to 22 on
+    # --resume: updates 20 and 21 take the lrs of a 22-update schedule (a cooldown of 4 from update
+    # 18: half and a quarter of the peak), not end_lr
+    got = replanned_lrs(23, {0: 20, 20: (22, None, True)})
+    assert got[16:20] == pytest.approx([2e-3 * (1 - j / 4) for j in range(4)], rel=1e-12)
+    assert got[20:] == pytest.approx([1e-3, 5e-4, 0.0], rel=1e-12, abs=1e-18)
+
+
+def test_wsd_set_shape_takes_the_new_shapes_lrs_at_the_same_total():
+    # issue 29 row 14: 12 updates into a 20-update schedule (a linear cooldown from update 16), a
+    # cooldown_fraction of 0.5 and a 1-sqrt cooldown: the lrs of that schedule from update 12 on
+    opt = build_optimizer(torch.nn.Linear(2, 2), 2e-3, (0.9, 0.98), 1e-8, 0.0)
+    sched = wsd(opt, 4, 20)
+    for _ in range(12):
+        opt.step()
+        sched.step()
+    sched.set_shape(WsdShape(0.5, "constant", "1-sqrt"))
+    got = []
+    for _ in range(9):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert got == pytest.approx([2e-3 * (1 - math.sqrt((k - 10) / 10)) for k in range(12, 21)], rel=1e-12, abs=1e-18)
+
+
+def test_go_to_update_puts_a_fresh_schedule_at_the_update():
+    # issue 29 row 7: a schedule of another kind than a resumed checkpoint's goes on from its update
+    opt = build_optimizer(torch.nn.Linear(2, 2), 2e-3, (0.9, 0.98), 1e-8, 0.0)
+    sched = build_scheduler(opt, 4, "inverse_sqrt")
+    go_to_update(sched, 12)
+    got = []
+    for _ in range(3):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert got == pytest.approx([2e-3 * math.sqrt(4 / (k + 1)) for k in (12, 13, 14)], rel=1e-12)
 
 
 # ---- planning the total from a measured rate -------------------------------------------------

@@ -5,6 +5,7 @@ it is; the clock is a parameter (``train(cfg, clock=...)``) and the clocked crit
 (tests/conftest.py) spends its time. The test decoding's reserve is a unit test of the Planner."""
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -173,7 +174,122 @@ def test_resume_with_a_larger_total_and_another_lr_refits_the_schedule(tmp_path,
     assert train_lrs(out)[20:] == pytest.approx(want, rel=1e-9)
 
 
-def planned_run(update_s, max_minutes=2.0, validate_every=25, validation_s=0.5):
+def test_resume_extending_a_finished_wsd_run_decays_over_the_new_total(tmp_path, clocked):
+    # issue 29 row 2: extended by less than a cooldown's share, every added update trained at lr 0.
+    # Pinned 20 -> 22: updates 20 and 21 take the lrs of a 22-update schedule (a cooldown of 4 from
+    # update 18: half and a quarter of the peak)
+    pinned = (*WSD, "train.warmup_steps=4")
+    clocked(tmp_path / "pinned", *pinned, "train.max_updates=20")
+    summary = clocked(tmp_path / "pinned", *pinned, "train.max_updates=22", resume=True)[1]
+    assert summary["updates"] == 22 and summary["final_lr"] == 0.0
+    assert train_lrs(tmp_path / "pinned")[20:] == pytest.approx([1e-3, 5e-4], rel=1e-9)
+    # planned, a budget 15% larger: the updates added cool down from the new plan's lr to end_lr
+    out = tmp_path / "planned"
+    first = clocked(out, *WSD, "train.max_minutes=0.2", "train.warmup_steps=2")[1]
+    second = clocked(out, *WSD, "train.max_minutes=0.23", "train.warmup_steps=2", resume=True)[1]
+    assert ends_its_cooldown(second) and saves_hold_the_plan(second)
+    added = train_lrs(out)[first["updates"] :]
+    assert len(added) == second["updates"] - first["updates"] >= 5
+    assert added[0] > 0.1 * 0.002 and all(a > b for a, b in zip(added, added[1:]))
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_resume_of_a_planned_run_with_a_pinned_max_updates_trains_to_it(tmp_path, clocked, caplog, interrupted):
+    # issue 29 row 3: the old plan still stopped the run, finished (0 updates) or stopped mid-plan
+    # (here a Ctrl-C at update 31, saved at 30), at the lr of then
+    out = tmp_path / "run"
+    planned = (*WSD, "train.max_minutes=0.2", "train.warmup_steps=2", "train.save_every_updates=10")
+
+    def update_s(n):
+        if interrupted and n == 30:
+            raise KeyboardInterrupt
+        return 0.1
+
+    if interrupted:
+        with pytest.raises(KeyboardInterrupt):
+            clocked(out, *planned, update_s=update_s)
+    else:
+        clocked(out, *planned)
+    ckpt = checkpoint.load(out / "checkpoint_last.pt")
+    done, plan, warmup = ckpt["update"], ckpt["planned_updates"], ckpt["scheduler"]["warmup_steps"]
+    assert (done == 30) if interrupted else (done == plan)
+    pin = plan + 10
+    with caplog.at_level("INFO", logger="nmt_ls.resume"):
+        summary = clocked(out, *planned, "train.max_minutes=0", f"train.max_updates={pin}", resume=True)[1]
+    assert summary["updates"] == pin and summary["stop_reason"] == f"reached train.max_updates={pin}"
+    want = [0.002 * wsd_factor(k, warmup, pin, round(0.2 * pin), 0.0) for k in range(done, pin)]
+    assert train_lrs(out)[done:] == pytest.approx(want, rel=1e-9) and summary["final_lr"] == 0.0
+    assert f"--resume: the plan of {plan} updates no longer applies" in caplog.text
+    assert checkpoint.load(summary["checkpoint_last"])["planned_updates"] == 0
+
+
+def planned_run(validation_s, every=20, update_s=lambda u: 0.1):
+    """The Planner driven as the loop drives it (:meth:`nmt_ls.train.Trainer.train`) for a budget of
+    a minute, on a fake clock: update ``u`` (from 1) takes ``update_s(u)`` seconds, a
+    validation of ``validation_s(update)`` seconds every ``every`` updates and after the last;
+    returns (planner, updates trained, lr after the last, the plans fixed as (update, total))."""
+    clock = FakeClock()
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.002)
+    sched = WarmupStableDecay(optimizer, warmup_steps=2)
+    budget = Budget(max_minutes=1.0, planning=True, window_updates=5, warmup_steps=2)
+
+    def probe(need_validation):
+        return Probe(greedy_s=0.0, beam_ratio=1.0, validation_s=validation_s(0) if need_validation else 0.0)
+
+    planner = Planner(budget, sched, PlanState(), clock, probe, World(0, 1, torch.device("cpu")))
+    update, validated_at, state, plans = 0, -1, planner.state, []
+
+    def validate():
+        seconds = validation_s(update)
+        clock.advance(seconds)
+        planner.on_validation(seconds, 0.0, Runway(update, 10**6, 10**6, 0, every, update))
+
+    while not (state.planned_updates and update >= state.planned_updates) and not planner.time_up():
+        clock.advance(update_s(update + 1))
+        optimizer.step()
+        sched.step()
+        update += 1
+        planner.tick()
+        planner.on_update(update_s(update), Runway(update, 10**6, 10**6, 0, every, validated_at))
+        if update % every == 0:
+            validated_at = update
+            validate()
+        if not plans or plans[-1][1] != state.planned_updates:
+            plans.append((update, state.planned_updates))
+    lr = optimizer.param_groups[0]["lr"]
+    planner.stop()
+    if validated_at != update:
+        validate()
+    return planner, update, lr, plans
+
+
+def test_a_late_replan_never_stops_the_run_before_its_cooldown_ends():
+    # issue 29 row 17: validations that grow slower (0.5 s, 0.02 s more per update) make the
+    # validation at update 220 re-plan to that very update: the run stopped there, the lr frozen at
+    # 1.3e-4. A re-plan leaves a tenth of the plan's cooldown at least: the lr reaches end_lr
+    planner, update, lr, plans = planned_run(lambda u: 0.5 + 0.02 * u)
+    assert lr == 0.0 and update == planner.state.planned_updates and not planner.time_up()
+    assert all(
+        total >= min(before, at + math.ceil(0.1 * round(0.2 * before)))
+        for (_, before), (at, total) in zip(plans, plans[1:])
+    )
+    assert planner.state.elapsed <= 60
+
+
+def test_the_last_validation_leaves_the_plan_as_trained():
+    # issue 29 row 17: a last validation faster than the others (0.1 s, not 2 s) re-planned past
+    # the stop (300 updates planned, 281 trained), and the checkpoint held that plan
+    planner, update, lr, plans = planned_run(lambda u: 2.0 if u % 20 == 0 else 0.1)
+    assert update % 20 != 0 and lr == 0.0  # the run ended off the cadence: a last validation came
+    assert planner.state.planned_updates == planner.scheduler.total_updates == update == plans[-1][1]
+    # updates 20x slower from update 440: the deadline stops the run at update 442 of the 450
+    # planned (the loop warns that the cooldown is cut short); the last validation re-planned to 442
+    planner, update, lr, plans = planned_run(lambda u: 0.5, update_s=lambda u: 0.1 if u < 440 else 2.0)
+    assert planner.time_up() and (update, plans[-1][1]) == (442, 450)
+    assert planner.state.planned_updates == planner.scheduler.total_updates == 450
+
+
+def noisy_run(update_s, max_minutes=2.0, validate_every=25, validation_s=0.5):
     """Drive a Planner on a fake clock as the loop does: updates of ``update_s(n)`` seconds, a
     validation every ``validate_every`` updates, windows of 20 updates (the default), until the
     plan or the time says stop. Returns (updates done, the plans in force one after another,
@@ -208,7 +324,7 @@ def test_a_steady_rate_with_noise_fixes_the_plan_a_few_times_only():
     # its slack at 22-30 of them; the rate over all windows settles, and so does the plan
     for seed in range(3):
         rng = random.Random(seed)
-        updates, plans, seconds, lr = planned_run(lambda n: 0.1 * rng.uniform(0.9, 1.1))
+        updates, plans, seconds, lr = noisy_run(lambda n: 0.1 * rng.uniform(0.9, 1.1))
         assert len(plans) <= 5, plans
         assert updates == plans[-1] and lr == 0.0  # the cooldown ends
         assert PLAN_TARGET * 120 - 3 <= seconds <= 120

@@ -24,7 +24,7 @@ from nmt_ls.criterions import reduce_metrics
 from nmt_ls.data import Corpus, open_corpus, read_pairs
 from nmt_ls.engines import load_for_inference
 from nmt_ls.model import build_model
-from nmt_ls.optim import build_optimizer, build_scheduler
+from nmt_ls.optim import WsdShape, build_optimizer, decay_factor, inverse_sqrt_factor, wsd_factor
 from nmt_ls.planner import PLAN_TARGET, PlanState
 from nmt_ls.resume import TrainState
 from nmt_ls.tokenizer import train_spm
@@ -114,8 +114,7 @@ def test_checkpoints_load_for_any_device(tmp_path):
     ckpt = checkpoint.load(summary["checkpoint_last"])
     model = build_model(tok.vocab_size, tok.pad_id, **cfg["model"]).to("meta")
     optimizer = build_optimizer(model, 1e-3, (0.9, 0.98), 1e-8, 0.0)
-    scheduler = build_scheduler(optimizer, 10)
-    checkpoint.restore_training(ckpt, model, optimizer, scheduler, rank=0, world_size=1)
+    checkpoint.restore_training(ckpt, model, optimizer, rank=0, world_size=1)
     assert torch.equal(torch.get_rng_state(), ckpt["rng"][0]["torch"])
 
 
@@ -208,6 +207,58 @@ def test_wsd_plan_ends_its_cooldown_at_the_budget(tmp_path, clocked, max_minutes
     lrs = [r["lr"] for r in read_log(tmp_path / "run") if r["kind"] == "train"]
     assert lrs[-1] == pytest.approx(cfg.train.lr / round(0.2 * summary["updates"]), rel=1e-9)  # the last step of it
     assert ckpt["planned_updates"] == summary["updates"]
+
+
+# A tiny model, an epoch of a handful of updates, and epochs enough for any run here.
+TINY = (*FAST, "model.d_model=32", "train.max_epochs=20", "train.warmup_steps=2")
+
+
+def train_lrs(out_dir):
+    return [r["lr"] for r in read_log(out_dir) if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("name", ["inverse_sqrt", "linear"])
+def test_resume_with_another_lr_scheduler_goes_on_with_its_lrs(tmp_path, caplog, name):
+    # issue 29 row 7: wsd -> inverse_sqrt or linear on --resume was a KeyError traceback
+    out = tmp_path / "run"
+    train(load_recipe(SMOKE_RECIPE, overrides(out, *TINY, "train.lr_scheduler='wsd'", "train.max_updates=3")))
+    with caplog.at_level("INFO", logger="nmt_ls.resume"):
+        cfg = load_recipe(SMOKE_RECIPE, overrides(out, *TINY, f"train.lr_scheduler={name!r}", "train.max_updates=7"))
+        summary = train(cfg, resume=True)
+    assert (
+        f"--resume: train.lr_scheduler wsd -> {name}: the updates to come take its lrs from update 3 on" in caplog.text
+    )
+    assert summary["updates"] == 7
+    if name == "inverse_sqrt":
+        want = [0.002 * inverse_sqrt_factor(k, 2) for k in range(3, 7)]
+    else:
+        want = [0.002 * decay_factor(k, 2, 7, 0.0, "linear") for k in range(3, 7)]
+    assert train_lrs(out)[3:] == pytest.approx(want, rel=1e-9)
+
+
+def test_resume_applies_a_changed_weight_decay_eps_and_cooldown(tmp_path, caplog):
+    # issue 29 row 14: these kept the checkpoint's values while config.yaml recorded the new ones
+    out = tmp_path / "run"
+    wsd = (*TINY, "train.lr_scheduler='wsd'")
+    train(load_recipe(SMOKE_RECIPE, overrides(out, *wsd, "train.max_updates=4")))
+    changed = (
+        "train.max_updates=10",
+        "train.weight_decay=0.01",
+        "train.adam_eps=1e-6",
+        "train.cooldown_fraction=0.5",
+        "train.cooldown_shape='1-sqrt'",
+    )
+    with caplog.at_level("INFO", logger="nmt_ls.resume"):
+        summary = train(load_recipe(SMOKE_RECIPE, overrides(out, *wsd, *changed)), resume=True)
+    ckpt = checkpoint.load(summary["checkpoint_last"])
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert (group["weight_decay"], group["eps"]) == (0.01, 1e-6)
+    assert (ckpt["scheduler"]["cooldown_fraction"], ckpt["scheduler"]["cooldown_shape"]) == (0.5, "1-sqrt")
+    shape = WsdShape(0.5, "constant", "1-sqrt")
+    want = [0.002 * wsd_factor(k, 2, 10, 5, 0.0, shape) for k in range(4, 10)]  # as if set so from the start
+    assert summary["final_lr"] == 0.0 and train_lrs(out)[4:] == pytest.approx(want, rel=1e-9)
+    assert "--resume: train.adam_eps 1e-08 -> 1e-06, train.weight_decay 0.0 -> 0.01 applied" in caplog.text
+    assert "--resume: train.cooldown_fraction 0.2 -> 0.5, train.cooldown_shape linear -> 1-sqrt applied" in caplog.text
 
 
 @pytest.fixture(scope="module")

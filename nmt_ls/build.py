@@ -208,7 +208,7 @@ def load_tokenizer(cfg: RunConfig, world: World, ckpt: dict | None, corpus: Corp
                 model_type=t.model_type,
             )
             spec_path.write_text(json.dumps({**spec, "spm_sha256": spm_sha256(path)}), encoding="utf-8")
-    world.wait_for_setup()
+    world.wait_for_main()
     return Tokenizer(path)
 
 
@@ -226,7 +226,7 @@ def open_data(cfg: RunConfig, tok: Tokenizer, world: World, corpus: Corpus) -> d
     missing or stale) and memory-mapped by every worker: nothing is broadcast."""
     if world.is_main:
         binarize_recipe(cfg, corpus, tok.model_path)
-    world.wait_for_setup()
+    world.wait_for_main()
     return binarize_recipe(cfg, corpus, tok.model_path, build=False)
 
 

@@ -4,9 +4,10 @@ One process trains on CPU or one GPU. Under ``torchrun`` each worker joins the p
 (gloo on CPU, nccl on GPU) and :class:`World` carries its rank; with one worker every
 collective is the identity, so the loop reads the same either way.
 
-Collectives time out after ``train.dist_timeout_minutes``; the wait for rank 0's set-up
-(preparing the corpus, training the tokenizer, binarizing) does not: it runs in a gloo group
-of its own with a limit of days (``SETUP_TIMEOUT``), since torchrun ends every worker if rank 0 fails.
+Collectives time out after ``train.dist_timeout_minutes``; the waits for work that rank 0 does
+alone (the set-up: preparing the corpus, training the tokenizer, binarizing; the decoding probe,
+validation and checkpoint writes) do not: they run in a gloo group of their own with a limit of
+days (``SETUP_TIMEOUT``), since torchrun ends every worker if rank 0 fails.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from nmt_ls.batching import shard
 
-SETUP_TIMEOUT = timedelta(days=7)  # the set-up wait's limit: none in practice
+SETUP_TIMEOUT = timedelta(days=7)  # the limit of a wait for rank 0's work alone: none in practice
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,7 +45,7 @@ class World:
     rank: int
     world_size: int
     device: torch.device
-    setup_group: object = None  # the gloo group that waits for rank 0's set-up (several workers)
+    setup_group: object = None  # the gloo group that waits for rank 0's work alone (several workers)
 
     @property
     def is_main(self) -> bool:
@@ -62,9 +63,10 @@ class World:
         """True on every worker if it is true on one (workers' clocks and data differ)."""
         return bool(self.all_reduce_sum([float(flag)])[0])
 
-    def wait_for_setup(self) -> None:
-        """Every worker waits here until rank 0's set-up work is done, however long it takes:
-        this wait does not count against ``train.dist_timeout_minutes``."""
+    def wait_for_main(self) -> None:
+        """Every worker waits here until rank 0's work alone (set-up, decoding, validation, a
+        checkpoint write) is done, however long it takes: this wait does not count against
+        ``train.dist_timeout_minutes``, which catches workers stuck in a collective of their own."""
         if self.world_size > 1:
             dist.barrier(group=self.setup_group)
 

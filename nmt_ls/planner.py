@@ -192,7 +192,8 @@ class Planner:
         state (PlanState): measurements and plan so far (a resumed run's from its checkpoint).
         clock (callable): seconds now, e.g. ``time.time``; tests pass a fake one.
         probe (callable): ``probe(need_validation) -> Probe``, decoding a few sentences.
-        world: ``broadcast`` (rank 0's value on every worker) and ``any`` (a flag on every worker).
+        world: ``broadcast`` (rank 0's value on every worker), ``any`` (a flag on every worker) and
+        ``wait_for_main`` (the other workers wait while rank 0 probes decoding alone).
     """
 
     def __init__(self, budget: Budget, scheduler, state: PlanState, clock: Callable[[], float], probe, world):
@@ -299,7 +300,9 @@ class Planner:
     def measure_decoding(self) -> None:
         """Decoding speed (and a validation's seconds, if none was measured) from the probe."""
         s = self.state
-        probe = self.world.broadcast(self.probe(not s.validation_s))
+        probe = self.probe(not s.validation_s)
+        self.world.wait_for_main()
+        probe = self.world.broadcast(probe)
         s.greedy_s, s.beam_ratio = probe.greedy_s, probe.beam_ratio
         s.validation_s = probe.validation_s or s.validation_s
 

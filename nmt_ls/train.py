@@ -321,6 +321,7 @@ class Trainer:
             value = record["bleu"] if b.cfg.train.best_metric == "bleu" else -record["ppl"]
             improved = s.best is None or value > s.best
             s.best = value if improved else s.best
+        b.world.wait_for_main()
         s.best, improved = b.world.broadcast((s.best, improved))
         s.bad_validations = 0 if improved else s.bad_validations + 1
         s.validated_at = s.update
@@ -342,6 +343,7 @@ class Trainer:
             stateful = {"model": b.model, "optimizer": b.optimizer, "scheduler": b.scheduler}
             ckpt = checkpoint.training_state(stateful, to_dict(b.cfg), b.out_dir / "spm.model", states, rngs)
             checkpoint.atomic_save(ckpt, b.out_dir / name)
+        b.world.wait_for_main()
 
     def probe_decoding(self, need_validation: bool) -> Probe:
         """Before the first validation, what the plan needs from decoding a few valid sentences

@@ -132,11 +132,23 @@ def test_resume_on_another_number_of_workers_goes_on_at_the_next_batch(tmp_path)
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5)
 
 
-# A corpus whose preparation (rank 0's, before the tokenizer) outlasts the collective timeout.
+# A corpus whose preparation (rank 0's, before the tokenizer) outlasts the collective timeout, and
+# a criterion whose first validation batch does too.
 SLOW_CORPUS = """
 import shutil, time
 from pathlib import Path
+from nmt_ls.criterions import LabelSmoothedCrossEntropyCriterion, register_criterion
 from nmt_ls.data import register_corpus
+
+@register_criterion("slow_validation")
+class SlowValidation(LabelSmoothedCrossEntropyCriterion):
+    slept = False
+
+    def forward(self, model, sample, reduce=True):
+        if not model.training and not SlowValidation.slept:
+            SlowValidation.slept = True
+            time.sleep({seconds})
+        return super().forward(model, sample, reduce)
 
 @register_corpus("slow_copy")
 def prepare(d):
@@ -155,9 +167,9 @@ def prepare(d):
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_run_under_torchrun_outlasts_a_slow_setup_and_reports_once(tmp_path):
-    """Rank 0 prepares the corpus for 8 s while rank 1 waits, under a 6 s collective timeout;
-    then rank 0 alone decodes the test split and prints the summary (before: the wait timed out,
-    and every rank decoded, wrote and printed)."""
+    """Rank 0 prepares the corpus for 8 s, and later validates for 8 s more, while rank 1 waits,
+    under a 6 s collective timeout; then rank 0 alone decodes the test split and prints the
+    summary (before: the waits timed out, and every rank decoded, wrote and printed)."""
     (tmp_path / "slow_corpus.py").write_text(SLOW_CORPUS.format(fixture=str(FIXTURE), seconds=8))
     out = tmp_path / "run"
     args = overrides(
@@ -165,6 +177,7 @@ def test_run_under_torchrun_outlasts_a_slow_setup_and_reports_once(tmp_path):
         f"data.dir={str(tmp_path / 'corpus')!r}",
         "data.corpus=slow_copy",
         "criterion.user_module=slow_corpus",
+        "criterion.name=slow_validation",
         "train.max_updates=2",
         "train.dist_timeout_minutes=0.1",
         "eval.beam_size=2",

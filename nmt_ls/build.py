@@ -30,7 +30,7 @@ from torch import nn
 
 from nmt_ls import checkpoint
 from nmt_ls.batching import Batch, batch_by_tokens
-from nmt_ls.binarize import MmapPairs, binarize_recipe, spm_sha256
+from nmt_ls.binarize import EncodedPairs, MmapPairs, binarize_recipe, spm_sha256
 from nmt_ls.config import RunConfig, to_dict
 from nmt_ls.criterions import CRITERIONS, build_criterion, import_user_module
 from nmt_ls.criterions.label_smoothed import IMPLEMENTATIONS
@@ -237,11 +237,18 @@ def valid_set(cfg: RunConfig, tok: Tokenizer, valid: MmapPairs) -> ValidSet:
     the first ``data.valid_bleu_sentences`` of them): those with two non-empty sides that fit
     ``model.max_positions``. The strings are decoded from the same ids, which gives the text
     back exactly (the tokenizer round-trips stripped text)."""
-    idx = batch_by_tokens(valid.src_lens, valid.tgt_lens, cfg.train.max_tokens, shuffle=False)
-    batches = [valid.batch(i, tok.pad_id, tok.bos_id, tok.eos_id) for i in idx]
+    batches = loss_batches(valid, tok, cfg.train.max_tokens)
     n_bleu = min(cfg.data.valid_bleu_sentences or len(valid), len(valid))
     src_ids, tgt_ids = valid.get(range(n_bleu))
     return ValidSet(batches, tok.decode_batch(src_ids), tok.decode_batch(tgt_ids), valid.meta["counts"])
+
+
+def loss_batches(pairs: MmapPairs | EncodedPairs, tok: Tokenizer, max_tokens: int) -> list[Batch]:
+    """Encoded ``pairs`` in batches of ``max_tokens`` padded positions for a loss pass, as
+    validation batches them: sorted by size, unshuffled, each with ``[bos] + y`` in and ``y + [eos]``
+    out."""
+    idx = batch_by_tokens(pairs.src_lens, pairs.tgt_lens, max_tokens, shuffle=False)
+    return [pairs.batch(i, tok.pad_id, tok.bos_id, tok.eos_id) for i in idx]
 
 
 def to_sample(batch: Batch, device: torch.device) -> dict:

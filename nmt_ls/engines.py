@@ -50,7 +50,12 @@ def load_for_inference(path: str | Path, device: torch.device | str = "cpu"):
     """(model on ``device`` in eval mode, tokenizer, config dict) from a checkpoint alone: the
     sentencepiece model it carries is unpacked to a temporary folder (never a stale spm.model
     lying beside it)."""
-    ckpt = checkpoint.load(path)
+    return from_checkpoint(checkpoint.load(path), device)
+
+
+def from_checkpoint(ckpt: dict, device: torch.device | str = "cpu"):
+    """:func:`load_for_inference` of a checkpoint already read (``checkpoint.load``), for a caller
+    that also wants its other keys (``update``) without reading the file twice."""
     with tempfile.TemporaryDirectory() as tmp:
         tok = Tokenizer(checkpoint.tensor_to_spm(ckpt["spm"], Path(tmp) / "spm.model"))
     model = build_model(tok.vocab_size, tok.pad_id, **ckpt["config"]["model"])

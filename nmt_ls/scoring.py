@@ -31,17 +31,22 @@ def scoring_engine(ckpt_path: str | Path, device: torch.device | str = "cpu"):
     own and never touches the user's (``out_dir/ct2`` in the README's Deploy)."""
     if torch.device(device).type == "cpu" and engines.ctranslate2_available():
         try:
-            with tempfile.TemporaryDirectory(prefix="nmt-ls-scoring-") as tmp:
-                path = ct2.export(ckpt_path, Path(tmp) / "ct2", "float32")
-                translator, tok, settings = ct2.load_exported(path, threads=torch.get_num_threads())
+            return "ctranslate2", "float32", ctranslate2_translator(ckpt_path)
         except (RuntimeError, ValueError, OSError) as e:
             log.warning("CTranslate2 export failed (%s); decoding the test split with torch", e)
-        else:
-            max_positions = settings["max_positions"]
-            return "ctranslate2", "float32", partial(ct2.translate, translator, tok, max_positions=max_positions)
     model, tok, _ = engines.load_for_inference(ckpt_path, device)
     precision = str(next(model.parameters()).dtype).removeprefix("torch.")
     return "torch", precision, partial(inference.translate, model, tok)
+
+
+def ctranslate2_translator(ckpt_path: str | Path):
+    """translate(lines, options, progress=False) by CTranslate2 in float32 on the CPU's
+    ``torch.get_num_threads()`` threads, from an export to a temporary folder that is removed
+    once CTranslate2 has loaded it."""
+    with tempfile.TemporaryDirectory(prefix="nmt-ls-scoring-") as tmp:
+        path = ct2.export(ckpt_path, Path(tmp) / "ct2", "float32")
+        translator, tok, settings = ct2.load_exported(path, threads=torch.get_num_threads())
+    return partial(ct2.translate, translator, tok, max_positions=settings["max_positions"])
 
 
 def score_test_split(

@@ -170,12 +170,21 @@ def cmd_translate(args) -> int:
         from nmt_ls import ct2
 
         device = "auto" if args.device == "auto" else resolve_device(args.device).type  # "auto": CTranslate2's pick
-        translator, tok, settings = ct2.load_exported(args.checkpoint, device, threads=args.threads)
+        threads = dict(threads=args.threads, intra_threads=args.intra_threads)
+        translator, tok, settings = ct2.load_exported(args.checkpoint, device, **threads)
         saved = from_dict(EvalConfig, settings["eval"], "eval")
         translate = partial(ct2.translate, translator, tok, max_positions=settings["max_positions"])
     else:
+        import torch
+
         from nmt_ls import engines, inference
 
+        if args.intra_threads != 1:
+            raise ValueError("--intra-threads is for the ctranslate2 engine (torch runs one batch on --threads)")
+        if args.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0: every core this process may use), got {args.threads}")
+        if args.threads:
+            torch.set_num_threads(args.threads)
         model, tok, cfg = engines.load_for_inference(args.checkpoint, resolve_device(args.device))
         saved = from_dict(EvalConfig, cfg["eval"], "eval")
         translate = partial(inference.translate, model, tok)
@@ -266,7 +275,13 @@ def _add_model_commands(sub) -> None:
     s = sub.add_parser("translate", help="translate a file or stdin with a checkpoint (or a CTranslate2 export)")
     s.add_argument("checkpoint", help="a checkpoint; with --engine ctranslate2, a directory from nmt-ls export")
     s.add_argument("--engine", choices=("torch", "ctranslate2"), default="torch")
-    s.add_argument("--threads", type=int, default=0, help="ctranslate2 engine: CPU threads (default: its choice)")
+    s.add_argument("--threads", type=int, default=0, help="CPU cores to use (default: all this process may use)")
+    s.add_argument(
+        "--intra-threads",
+        type=int,
+        default=1,
+        help="ctranslate2 engine: threads per batch; --threads / this many batches run at once (default: 1)",
+    )
     s.add_argument("-i", "--input", default="-", help="input file (default: stdin)")
     s.add_argument("-o", "--output", default="-", help="output file (default: stdout)")
     s.add_argument("--beam", type=int, default=None, help="beam size (1: greedy; default: the recipe's)")

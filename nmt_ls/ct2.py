@@ -12,11 +12,16 @@ the decoder starts from ``<s>`` and the source ends with ``</s>`` (``add_source_
 
 Decoding matches :mod:`nmt_ls.decode`: the same beam size, length penalty (fairseq style: the score
 is divided by the length with eos counted, hence ``return_end_token=True``), at most
-``int(a * src_len + b)`` tokens (:func:`nmt_ls.engines.max_output_len`, ``src_len`` with eos;
-CTranslate2 takes one maximum per call, so sentences are grouped by it), pad and bos masked before
-the softmax (``suppress_sequences``), no minimum length. One difference remains: where a hypothesis
-reaches the maximum length, our search forces eos and CTranslate2 keeps the best token (the output
-is cut to the maximum, so greedy ids stay equal; a beam can rank such hypotheses differently).
+``int(a * src_len + b)`` decoding steps (:func:`nmt_ls.engines.max_output_len`, ``src_len`` with
+eos), pad and bos masked before the softmax (``suppress_sequences``), no minimum length, and one
+rule at the length limit (CTranslate2's own, which our search follows: the hypotheses kept at the
+last step end there, cut after their token if it is not eos), so float32 gives our search's ids.
+
+Calls: CTranslate2 takes one ``max_decoding_length`` per call and has no per-sentence limit, so
+there is one call per distinct limit; all of them are made at once (``asynchronous=True``), and
+CTranslate2's workers (``inter_threads``, :func:`thread_split`) take their token-budget batches
+from one queue, as they would from one call. A sentence's output depends on its own limit alone,
+never on the sentences decoded with it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import json
 import os
 import shutil
 import tempfile
-from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -33,6 +37,7 @@ from tqdm import tqdm
 
 from nmt_ls.config import EvalConfig
 from nmt_ls.engines import encode_sources, import_ctranslate2, load_for_inference, max_output_len
+from nmt_ls.hardware import usable_cores
 from nmt_ls.model import Seq2Seq
 from nmt_ls.tokenizer import Tokenizer
 
@@ -157,17 +162,93 @@ def export(checkpoint: str | Path, out_dir: str | Path, quantization: str = "flo
     return out_dir
 
 
-def load_exported(path: str | Path, device: str = "cpu", compute_type: str = "default", threads: int = 0):
+def thread_split(device: str, threads: int = 0, intra_threads: int = 1) -> tuple[int, int]:
+    """(inter_threads, intra_threads) of a CTranslate2 translator for the work it does.
+
+    On the CPU, ``threads`` cores in all (0: every core this process may use) run as
+    ``threads // intra_threads`` workers of ``intra_threads`` threads each. CTranslate2 runs the
+    batches of the calls in flight on its workers in parallel, so batched input keeps every core
+    busy with one thread per batch (``inter_threads=cores, intra_threads=1``), and one sentence
+    runs on one worker with one thread, measured far faster than two intra threads (issue 28):
+    the default serves both. On a GPU (``"cuda"``, or ``"auto"`` where one is found): one worker.
+    """
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0: every core this process may use), got {threads}")
+    if intra_threads < 1:
+        raise ValueError(f"intra_threads must be >= 1, got {intra_threads}")
+    on_gpu = device == "cuda" or (device == "auto" and import_ctranslate2().get_cuda_device_count() > 0)
+    if on_gpu:
+        return 1, intra_threads
+    return max(1, (threads or usable_cores()) // intra_threads), intra_threads
+
+
+def load_exported(
+    path: str | Path, device: str = "cpu", compute_type: str = "default", threads: int = 0, intra_threads: int = 1
+):
     """(CTranslate2 translator, tokenizer, settings dict with "eval" and "max_positions") from an
     export directory, as :func:`nmt_ls.engines.load_for_inference` gives them for a checkpoint.
-    ``compute_type="default"`` keeps the exported precision; ``threads=0`` lets CTranslate2 choose."""
+    ``compute_type="default"`` keeps the exported precision; ``threads`` and ``intra_threads``:
+    :func:`thread_split`."""
     ctranslate2 = import_ctranslate2()
     path = Path(path)
     if not (path / SETTINGS).is_file():
         raise FileNotFoundError(f"{path}: not an nmt-ls export (no {SETTINGS}; see nmt-ls export --help)")
     settings = json.loads((path / SETTINGS).read_text(encoding="utf-8"))
-    translator = ctranslate2.Translator(str(path), device=device, compute_type=compute_type, intra_threads=threads)
+    inter, intra = thread_split(device, threads, intra_threads)
+    translator = ctranslate2.Translator(
+        str(path), device=device, compute_type=compute_type, inter_threads=inter, intra_threads=intra
+    )
     return translator, Tokenizer(path / SPM), settings
+
+
+def search_args(tok: Tokenizer, options: EvalConfig, with_scores: bool) -> dict:
+    """``translate_batch``'s arguments for our search with ``options``, the length limit apart."""
+    return dict(
+        max_batch_size=options.max_tokens,
+        batch_type="tokens",
+        asynchronous=True,
+        beam_size=options.beam_size,
+        patience=1,
+        num_hypotheses=1,
+        length_penalty=options.len_penalty,
+        suppress_sequences=[[tok.sp.id_to_piece(i)] for i in (tok.pad_id, tok.bos_id)],
+        end_token=tok.sp.id_to_piece(tok.eos_id),
+        return_end_token=True,  # the length penalty counts eos, as ours does
+        max_input_length=0,  # sources are cut to the positions already
+        min_decoding_length=0,
+        return_scores=with_scores,
+    )
+
+
+def submit(
+    translator, tok: Tokenizer, src_ids: list[list[int]], options: EvalConfig, max_positions: int, with_scores: bool
+) -> list:
+    """Start CTranslate2 on every source (ids without eos, non-empty, within the exported model's
+    ``max_positions``) at once; returns (source index, pending result) pairs for :func:`collect`.
+    Each source's length limit is its own (:func:`nmt_ls.engines.max_output_len`, the source
+    counted with its eos) and ``max_decoding_length`` is one number a call: one asynchronous call
+    per limit, the longest first, so that CTranslate2's workers share one queue of batches as in
+    one call. ``with_scores=False`` spares greedy search its softmax (the scores are then None)."""
+    limits = [max_output_len(len(ids) + 1, options, max_positions) for ids in src_ids]
+    by_limit: dict[int, list[int]] = {}
+    for i in sorted(range(len(src_ids)), key=lambda i: -limits[i]):
+        by_limit.setdefault(limits[i], []).append(i)
+    search = search_args(tok, options, with_scores)
+    pending = []
+    for limit, group in by_limit.items():
+        pieces = [[tok.sp.id_to_piece(t) for t in src_ids[i]] for i in group]
+        pending += zip(group, translator.translate_batch(pieces, max_decoding_length=limit, **search))
+    return pending
+
+
+def collect(pending: list, tok: Tokenizer, progress: bool = False) -> list[tuple[list[int], float | None]]:
+    """(token ids without bos and eos, score) of each source of :func:`submit`, in source order."""
+    out: list[tuple[list[int], float | None]] = [([], None)] * len(pending)
+    for i, pending_result in tqdm(pending, desc="translate", disable=not progress, unit="sent"):
+        result = pending_result.result()
+        ids = [tok.sp.piece_to_id(p) for p in result.hypotheses[0]]
+        out[i] = (ids[:-1] if ids and ids[-1] == tok.eos_id else ids, result.scores[0] if result.scores else None)
+    return out
 
 
 def decode_ids(
@@ -176,39 +257,7 @@ def decode_ids(
     """(token ids without bos and eos, score) for each source (ids without eos, non-empty, within
     the positions), as :func:`nmt_ls.decode.beam_search` gives them (greedy search for beam size 1,
     whose score is the length-normalised log-probability); ``max_positions`` is the exported model's."""
-    pieces = [[tok.sp.id_to_piece(i) for i in ids] for ids in src_ids]
-    special = [[tok.sp.id_to_piece(i)] for i in (tok.pad_id, tok.bos_id)]
-    eos = tok.sp.id_to_piece(tok.eos_id)
-    out: list[tuple[list[int], float]] = [([], 0.0)] * len(src_ids)
-
-    def max_len(i: int) -> int:  # the source length counts its eos, as in the torch search
-        return max_output_len(len(src_ids[i]) + 1, options, max_positions)
-
-    order = sorted(range(len(src_ids)), key=max_len)
-    for limit, group in groupby(order, key=max_len):
-        group = list(group)
-        results = translator.translate_batch(
-            [pieces[i] for i in group],
-            max_batch_size=options.max_tokens,
-            batch_type="tokens",
-            beam_size=options.beam_size,
-            patience=1,
-            num_hypotheses=1,
-            length_penalty=options.len_penalty,
-            suppress_sequences=special,
-            end_token=eos,
-            return_end_token=True,  # the length penalty counts eos, as ours does
-            max_input_length=0,  # sources are cut to the positions already
-            max_decoding_length=limit + 1,  # limit tokens, then eos
-            min_decoding_length=0,
-            return_scores=True,
-        )
-        for i, result in zip(group, results):
-            hyp = result.hypotheses[0]
-            if hyp and hyp[-1] == eos:
-                hyp = hyp[:-1]
-            out[i] = ([tok.sp.piece_to_id(p) for p in hyp[:limit]], result.scores[0])
-    return out
+    return collect(submit(translator, tok, src_ids, options, max_positions, with_scores=True), tok)
 
 
 def translate(
@@ -216,14 +265,13 @@ def translate(
 ) -> list[str]:
     """:func:`nmt_ls.inference.translate` on CTranslate2: the same options, outputs and warnings
     (over-long sources cut with a warning, empty lines kept empty); ``max_positions`` is the
-    exported model's (``settings["max_positions"]`` from :func:`load_exported`)."""
+    exported model's (``settings["max_positions"]`` from :func:`load_exported`). All the lines
+    are in flight at once (:func:`submit`)."""
     src_ids = encode_sources(tok, lines, max_positions)
-    todo = sorted((i for i, ids in enumerate(src_ids) if ids), key=lambda i: len(src_ids[i]))
+    todo = [i for i, ids in enumerate(src_ids) if ids]
+    pending = submit(translator, tok, [src_ids[i] for i in todo], options, max_positions, with_scores=False)
+    out = collect(pending, tok, progress)
     hyps = [""] * len(lines)
-    step = max(1, len(todo) // 20) if progress else len(todo) or 1  # chunks (of similar lengths) show progress
-    for start in tqdm(range(0, len(todo), step), desc="translate", disable=not progress, unit="chunk"):
-        chunk = todo[start : start + step]
-        out = decode_ids(translator, tok, [src_ids[i] for i in chunk], options, max_positions)
-        for i, (ids, _) in zip(chunk, out):
-            hyps[i] = tok.decode(ids)
+    for i, (ids, _) in zip(todo, out):
+        hyps[i] = tok.decode(ids)
     return hyps

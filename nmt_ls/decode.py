@@ -4,10 +4,13 @@ Shared conventions:
     * ``src`` is right-padded, shape (B, S). Outputs are token ids without bos and eos.
     * ``spec`` (:class:`SearchSpec`) gives the special ids and the decoding mode; ``options``
       (:class:`nmt_ls.config.EvalConfig`) the beam size, length penalty and length limit.
-    * Sentence i may produce at most ``int(max_len_a * src_len_i + max_len_b)`` tokens before
-      eos (fairseq semantics; ``src_len_i`` excludes padding), capped so that the decoder input
-      fits in ``model.max_positions`` (:func:`nmt_ls.engines.max_output_len`). At that length
-      eos is forced.
+    * Sentence i has at most ``L_i = int(max_len_a * src_len_i + max_len_b)`` decoding steps
+      (fairseq's limit; ``src_len_i`` excludes padding), capped so that the decoder input fits
+      in ``model.max_positions`` (:func:`nmt_ls.engines.max_output_len`). The last step is
+      CTranslate2's: every hypothesis it keeps ends there as it is, with eos (``L_i - 1`` tokens)
+      or cut after its ``L_i``-th token, scored by its tokens' log-probabilities alone, so that
+      both engines give the same hypotheses (fairseq forces eos there instead, which CTranslate2
+      cannot do). Greedy ids are fairseq's either way: the greedy path cut at ``L_i`` tokens.
     * pad and bos are never generated: they are masked before the softmax, so the scores are
       log-probabilities over the tokens that can be emitted (as CTranslate2 computes them).
     * The search runs the model in eval mode and restores its previous mode afterwards.
@@ -66,7 +69,7 @@ class _Active:
         self.model, self.spec, self.beams = model, spec, beams
         self.memory = memory.repeat_interleave(beams, dim=0)  # (B*K, S, D)
         self.src_pad_mask = src_pad_mask.repeat_interleave(beams, dim=0)  # (B*K, S)
-        self.max_lens = torch.tensor(limits, device=src.device)  # (B,) tokens allowed before eos
+        self.max_lens = torch.tensor(limits, device=src.device)  # (B,) decoding steps allowed
         self.rows = torch.arange(src.size(0), device=src.device)  # (B,) each sentence's row of src
         self.tokens = src.new_full((src.size(0) * beams, 1), spec.bos_id)  # (B*K, 1) prefixes
         self.cache = model.new_cache() if spec.use_cache else None
@@ -118,15 +121,16 @@ def greedy_search(model: Seq2Seq, src: Tensor, spec: SearchSpec, options: EvalCo
     with _eval_mode(model):
         active = _Active(model, src, spec, options)
         hyps: list[list[int]] = [[] for _ in range(src.size(0))]
-        for step in range(int(active.max_lens.max()) + 1):
+        for step in range(int(active.max_lens.max())):
             next_tokens = active.next_lprobs().argmax(dim=-1)  # (N,)
-            next_tokens[step >= active.max_lens] = spec.eos_id
-            done = next_tokens.eq(spec.eos_id)
+            ended = next_tokens.eq(spec.eos_id)
+            done = ended | (step + 1 >= active.max_lens)  # eos, or the last step: cut after its token
             if not done.any():
                 active.extend(next_tokens)
                 continue
             for i in done.nonzero().squeeze(1).tolist():
-                hyps[int(active.rows[i])] = active.tokens[i, 1:].tolist()
+                last = [] if ended[i] else [int(next_tokens[i])]
+                hyps[int(active.rows[i])] = active.tokens[i, 1:].tolist() + last
             live = (~done).nonzero().squeeze(1)  # (N',)
             if live.numel() == 0:
                 break
@@ -151,28 +155,29 @@ class _Candidates(NamedTuple):
     tokens: Tensor  # (N, 2K) the token it appends
 
 
-def _expand(lprobs: Tensor, scores: Tensor, at_max: Tensor, eos_id: int) -> _Candidates:
-    """Candidates from ``lprobs`` (N*K, V) and the beams' ``scores`` (N, K); the sentences
-    ``at_max`` (N,), at their length limit, can only append eos."""
+def _expand(lprobs: Tensor, scores: Tensor) -> _Candidates:
+    """Candidates from ``lprobs`` (N*K, V) and the beams' ``scores`` (N, K)."""
     N, K = scores.shape
     lprobs = lprobs.view(N, K, -1)  # (N, K, V)
     V = lprobs.size(-1)
-    if at_max.any():
-        eos_lprobs = lprobs[at_max, :, eos_id]
-        lprobs[at_max] = -math.inf
-        lprobs[at_max, :, eos_id] = eos_lprobs
     cand_scores, cand_idx = (scores[:, :, None] + lprobs).view(N, K * V).topk(2 * K, dim=1)  # (N, 2K)
     return _Candidates(cand_scores, cand_idx // V, cand_idx % V)
 
 
-def _finish(finished: list[list[tuple[list[int], float]]], active: _Active, cand: _Candidates, norm: float) -> None:
-    """Add to ``finished`` (per source row) the eos expansions among each sentence's top K,
-    scored by their log-probability over ``norm``."""
-    K = active.beams
-    to_finish = cand.tokens[:, :K].eq(active.spec.eos_id) & cand.scores[:, :K].isfinite()
+def _finish(
+    finished: list[list[tuple[list[int], float]]], active: _Active, cand: _Candidates, norm: float, last: Tensor
+) -> None:
+    """Add to ``finished`` (per source row) the eos expansions among each sentence's top K, and
+    for the sentences at their ``last`` (N,) step all of their top K (cut after the token they
+    append), scored by their log-probability over ``norm``."""
+    K, eos_id = active.beams, active.spec.eos_id
+    to_finish = (cand.tokens[:, :K].eq(eos_id) | last[:, None]) & cand.scores[:, :K].isfinite()
     for i, j in to_finish.nonzero().tolist():
         hyp = active.tokens[i * K + cand.beams[i, j], 1:].tolist()
-        finished[int(active.rows[i])].append((hyp, cand.scores[i, j].item() / norm))
+        token = int(cand.tokens[i, j])
+        finished[int(active.rows[i])].append(
+            (hyp if token == eos_id else hyp + [token], cand.scores[i, j].item() / norm)
+        )
 
 
 def _best_open(cand: _Candidates, eos_id: int) -> _Candidates:
@@ -196,14 +201,16 @@ def beam_search(
 
     Scores: a hypothesis of ``L`` tokens plus eos has log-probability ``lp_sum`` (eos
     included) and final score ``lp_sum / L' ** len_penalty`` with ``L' = L + 1`` (eos counted,
-    as in fairseq), or ``lp_sum / ((5 + L') / 6) ** len_penalty`` with ``len_penalty_style="gnmt"``.
+    as in fairseq and CTranslate2), or ``lp_sum / ((5 + L') / 6) ** len_penalty`` with
+    ``len_penalty_style="gnmt"``; one cut at the length limit has ``L' = L`` and no eos term.
     ``len_penalty=0`` scores by the plain sum of log-probabilities.
 
     Search: each step takes the top ``2 * beam_size`` expansions of the active beams;
     eos expansions among the first ``beam_size`` become finished hypotheses, and the best
     ``beam_size`` non-eos expansions stay active. A sentence stops as soon as it has
-    ``beam_size`` finished hypotheses, or at its maximum length, where eos is forced
-    (fairseq's early stop: an active beam could in principle still have overtaken them).
+    ``beam_size`` finished hypotheses (fairseq's early stop: an active beam could in principle
+    still have overtaken them), or at its last step, where all of its first ``beam_size``
+    expansions finish, those without eos cut there (CTranslate2's rule, see the module notes).
 
     Args:
         model (Seq2Seq): the model; run in eval mode, its mode is restored afterwards.
@@ -228,12 +235,12 @@ def beam_search(
         scores = torch.full((src.size(0), K), -math.inf, device=src.device)  # (B, K) summed log-probs
         scores[:, 0] = 0.0
         finished: list[list[tuple[list[int], float]]] = [[] for _ in range(src.size(0))]
-        for step in range(int(active.max_lens.max()) + 1):
-            at_max = step >= active.max_lens  # (N,)
-            cand = _expand(active.next_lprobs(), scores, at_max, spec.eos_id)
-            _finish(finished, active, cand, _length_norm(step + 1, options.len_penalty, len_penalty_style))
+        for step in range(int(active.max_lens.max())):
+            last = step + 1 >= active.max_lens  # (N,) the sentences at their last step
+            cand = _expand(active.next_lprobs(), scores)
+            _finish(finished, active, cand, _length_norm(step + 1, options.len_penalty, len_penalty_style), last)
             n_finished = torch.tensor([len(finished[r]) for r in active.rows.tolist()], device=src.device)
-            live = (~(at_max | n_finished.ge(K))).nonzero().squeeze(1)  # (N',)
+            live = (~(last | n_finished.ge(K))).nonzero().squeeze(1)  # (N',)
             if live.numel() == 0:
                 break
             scores, next_beams, next_tokens = (x[live] for x in _best_open(cand, spec.eos_id))  # (N', K) each

@@ -76,7 +76,9 @@ def encode_sources(tok: Tokenizer, lines: list[str], max_positions: int) -> list
 
 
 def max_output_len(src_len: int, options: EvalConfig, max_positions: int) -> int:
-    """Tokens a hypothesis may have before its eos: ``int(max_len_a * src_len + max_len_b)``
-    (fairseq's limit; ``src_len`` counts the source's eos, not its padding), at least 0 and at
-    most ``max_positions - 1`` so that the decoder input (bos and the tokens) fits the positions."""
-    return min(max(int(options.max_len_a * src_len + options.max_len_b), 0), max_positions - 1)
+    """Decoding steps a hypothesis may take, eos included: ``int(max_len_a * src_len + max_len_b)``
+    (fairseq's limit; ``src_len`` counts the source's eos, not its padding), at least 1 and at
+    most ``max_positions - 1`` so that the decoder input (bos and the tokens) fits the positions.
+    A hypothesis that has not ended by then is cut after this many tokens (both engines' rule:
+    :mod:`nmt_ls.decode`)."""
+    return min(max(int(options.max_len_a * src_len + options.max_len_b), 1), max_positions - 1)

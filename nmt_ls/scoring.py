@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 def scoring_engine(ckpt_path: str | Path, device: torch.device | str = "cpu"):
     """(engine, precision, translate(lines, options, progress=False)) to decode the test split
-    with: on a CPU, CTranslate2 in float32 (our search's ids, about twice as fast) when it is
-    installed and the checkpoint exports; otherwise our torch search. The export goes to a
+    with: on a CPU, CTranslate2 in float32 (our search's ids and strings) when it is installed
+    and the checkpoint exports; otherwise our torch search. The export goes to a
     temporary folder, removed once CTranslate2 has loaded it: the run writes no export of its
     own and never touches the user's (``out_dir/ct2`` in the README's Deploy)."""
     if torch.device(device).type == "cpu" and engines.ctranslate2_available():
@@ -40,9 +40,9 @@ def scoring_engine(ckpt_path: str | Path, device: torch.device | str = "cpu"):
 
 
 def ctranslate2_translator(ckpt_path: str | Path):
-    """translate(lines, options, progress=False) by CTranslate2 in float32 on the CPU's
-    ``torch.get_num_threads()`` threads, from an export to a temporary folder that is removed
-    once CTranslate2 has loaded it."""
+    """translate(lines, options, progress=False) by CTranslate2 in float32 on ``torch.get_num_threads()``
+    cores, one thread per batch (:func:`nmt_ls.ct2.thread_split`), from an export to a temporary
+    folder that is removed once CTranslate2 has loaded it."""
     with tempfile.TemporaryDirectory(prefix="nmt-ls-scoring-") as tmp:
         path = ct2.export(ckpt_path, Path(tmp) / "ct2", "float32")
         translator, tok, settings = ct2.load_exported(path, threads=torch.get_num_threads())

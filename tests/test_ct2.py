@@ -1,14 +1,16 @@
 """CTranslate2 export and decoding (nmt_ls.ct2): the exported model decodes as our torch search does.
 
-The models are untrained with random weights, their eos logit raised so that many hypotheses end
-before the length limit (where the engines differ by design: ours forces eos, CTranslate2 keeps its
-best token). Id equality needs a faithful export, not a good translator.
+The models are untrained with random weights, their eos logit raised so that hypotheses end at
+varied lengths, before the length limit or cut at it (both engines' last-step rule, nmt_ls.decode).
+Id equality needs a faithful export, not a good translator.
 """
 
 import json
 import logging
 import sys
 from dataclasses import replace
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -66,7 +68,8 @@ def ckpt(tmp_path_factory, spm_path):
     return random_checkpoint(path, spm_path, seed=1, eos_factor=5.0, positions="learned", tie_embeddings=False)
 
 
-def torch_ids(model, tok, src_ids, beam_size):
+def torch_ids(model, tok, src_ids, options):
+    """(ids, score) of each source by our torch search with ``options`` (score None for greedy)."""
     src = collate(
         [s + [tok.eos_id] for s in src_ids],
         [[] for _ in src_ids],
@@ -75,8 +78,8 @@ def torch_ids(model, tok, src_ids, beam_size):
         tok.bos_id,
         tok.eos_id,
     )
-    spec, options = SearchSpec(tok.bos_id, tok.eos_id, tok.pad_id), replace(EVAL, beam_size=beam_size)
-    if beam_size == 1:
+    spec = SearchSpec(tok.bos_id, tok.eos_id, tok.pad_id)
+    if options.beam_size == 1:
         return [(ids, None) for ids in greedy_search(model, src.src, spec, options)]
     return [nbest[0] for nbest in beam_search(model, src.src, spec, options)]
 
@@ -89,20 +92,14 @@ def test_float32_export_decodes_like_torch(tmp_path, spm_path, variant):
     model, tok, _ = load_for_inference(path)
     translator, _, settings = ct2.load_exported(tmp_path / "ct2", threads=1)
     src_ids = encode_sources(tok, LINES, model.max_positions)
-    limits = [int(1.2 * (len(s) + 1) + 10) for s in src_ids]
     for beam_size in (1, 4):
-        ours = torch_ids(model, tok, src_ids, beam_size)
         options = replace(EVAL, beam_size=beam_size)
+        ours = torch_ids(model, tok, src_ids, options)
         theirs = ct2.decode_ids(translator, tok, src_ids, options, settings["max_positions"])
-        if beam_size == 1:  # greedy agrees even at the limit (CTranslate2's extra token is cut)
-            assert [ids for ids, _ in theirs] == [ids for ids, _ in ours]
-            continue
-        # Where a beam reaches the limit, ours scores it with eos forced and CTranslate2 with its best
-        # token, so either may then win; compare the sentences that both engines end before it.
-        ended = [i for i in range(len(LINES)) if max(len(ours[i][0]), len(theirs[i][0])) < limits[i]]
-        assert len(ended) >= 15 and len({len(ours[i][0]) for i in ended}) >= 8  # many, of varied lengths
-        assert [theirs[i][0] for i in ended] == [ours[i][0] for i in ended]
-        assert [theirs[i][1] for i in ended] == pytest.approx([ours[i][1] for i in ended], abs=1e-4)
+        assert [ids for ids, _ in theirs] == [ids for ids, _ in ours]
+        assert len({len(ids) for ids, _ in ours}) >= 8  # many lengths
+        if beam_size > 1:
+            assert [score for _, score in theirs] == pytest.approx([score for _, score in ours], abs=1e-4)
 
 
 def test_int8_export_loads_and_translates(tmp_path, ckpt):
@@ -126,8 +123,14 @@ def test_export_dir_alone_translates_like_the_checkpoint(tmp_path, ckpt, monkeyp
     src = tmp_path / "in.en"
     src.write_text("\n".join(LINES[:10]) + "\n", encoding="utf-8")
     assert main(["translate", str(ckpt), "-i", str(src), "-o", str(tmp_path / "torch.de")]) == 0
-    assert main(["translate", str(out), "--engine", "ctranslate2", "-i", str(src), "-o", str(tmp_path / "ct2.de")]) == 0
+    args = ["-i", str(src), "-o", str(tmp_path / "ct2.de"), "--threads", "2"]
+    assert main(["translate", str(out), "--engine", "ctranslate2", *args]) == 0
     assert (tmp_path / "ct2.de").read_text() == (tmp_path / "torch.de").read_text()
+    assert main(["translate", str(out), "--engine", "ctranslate2", *args, "--intra-threads", "0"]) == 2
+    assert capsys.readouterr().err == "nmt-ls translate: error: intra_threads must be >= 1, got 0\n"
+    assert main(["translate", str(ckpt), *args, "--intra-threads", "2"]) == 2
+    refused = "--intra-threads is for the ctranslate2 engine (torch runs one batch on --threads)"
+    assert capsys.readouterr().err == f"nmt-ls translate: error: {refused}\n"
     assert main(["export", str(ckpt), "--ctranslate2", str(out)]) == 2
     assert "already exists (use --force to replace it)" in capsys.readouterr().err
 
@@ -223,3 +226,87 @@ def test_a_sentence_over_the_token_budget_is_decoded_alone_by_both_engines(tmp_p
         assert sum(bool(h) for h in reference) >= 10  # and all end before the length limit
         assert torch_translate(model, tok, lines, small) == reference
         assert ct2.translate(translator, tok, lines, small, settings["max_positions"]) == reference
+
+
+AT_LIMIT = replace(EVAL, max_len_a=0.5, max_len_b=3)  # limits of 3 to 26 tokens for these lines
+
+
+@pytest.fixture(scope="module")
+def limit_model(tmp_path_factory, spm_path):
+    """(model, tokenizer, float32 translator, max_positions) of an untrained model, its eos raised
+    a little, whose hypotheses mostly reach AT_LIMIT's length limit and sometimes end before it."""
+    tmp = tmp_path_factory.mktemp("limit")
+    path = random_checkpoint(tmp / "ckpt.pt", spm_path, seed=2, eos_factor=3.0)
+    model, tok, _ = load_for_inference(path)
+    translator, _, settings = ct2.load_exported(ct2.export(path, tmp / "ct2"), threads=1)
+    return model, tok, translator, settings["max_positions"]
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_engines_agree_where_hypotheses_reach_the_length_limit(limit_model, beam_size):
+    """One rule at the limit for both engines: float32 ids, scores and strings are identical on
+    every sentence, those that reach the limit included."""
+    model, tok, translator, max_positions = limit_model
+    options = replace(AT_LIMIT, beam_size=beam_size)
+    src_ids = encode_sources(tok, LINES, max_positions)
+    ours = torch_ids(model, tok, src_ids, options)
+    theirs = ct2.decode_ids(translator, tok, src_ids, options, max_positions)
+    limits = [int(0.5 * (len(s) + 1) + 3) for s in src_ids]
+    reached = [len(ids) == limit for (ids, _), limit in zip(ours, limits)]
+    assert sum(reached) >= 55 and all(len(ids) <= limit for (ids, _), limit in zip(ours, limits))
+    assert [ids for ids, _ in theirs] == [ids for ids, _ in ours]
+    if beam_size > 1:
+        assert sum(not r for r in reached) >= 10  # and some end before it
+        assert [score for _, score in theirs] == pytest.approx([score for _, score in ours], abs=1e-4)
+    hyps = torch_translate(model, tok, LINES, options)
+    assert ct2.translate(translator, tok, LINES, options, max_positions) == hyps
+    assert sum(bool(h) for h in hyps) == len(LINES)
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_one_sentence_at_a_time_decodes_as_all_at_once(limit_model, beam_size):
+    """Each engine's output for a sentence does not depend on the sentences decoded with it."""
+    model, tok, translator, max_positions = limit_model
+    options, lines = replace(AT_LIMIT, beam_size=beam_size), LINES[:30]
+    engines_ = {
+        "torch": partial(torch_translate, model, tok, options=options),
+        "ctranslate2": partial(ct2.translate, translator, tok, options=options, max_positions=max_positions),
+    }
+    for translate in engines_.values():
+        all_at_once = translate(lines)
+        assert len(set(all_at_once)) >= 15
+        assert [translate([line])[0] for line in lines] == all_at_once
+
+
+def test_thread_split_gives_every_core_a_worker_of_one_thread(monkeypatch):
+    monkeypatch.setattr(ct2, "usable_cores", lambda: 4)
+    assert ct2.thread_split("cpu") == (4, 1)
+    assert ct2.thread_split("cpu", threads=2) == (2, 1)
+    assert ct2.thread_split("cpu", threads=0, intra_threads=2) == (2, 2)  # the user's split
+    assert ct2.thread_split("cpu", threads=3, intra_threads=4) == (1, 4)
+    assert ct2.thread_split("cuda", threads=8) == (1, 1)
+    with pytest.raises(ValueError, match=r"^threads must be >= 0 \(0: every core this process may use\), got -1$"):
+        ct2.thread_split("cpu", threads=-1)
+    with pytest.raises(ValueError, match=r"^intra_threads must be >= 1, got 0$"):
+        ct2.thread_split("cpu", intra_threads=0)
+
+
+class FakeTranslator:
+    """Records translate_batch's calls; every hypothesis is the source itself, scored -1."""
+
+    def __init__(self):
+        self.calls = []
+
+    def translate_batch(self, pieces, max_decoding_length, asynchronous, **search):
+        self.calls.append((len(pieces), max_decoding_length, asynchronous))
+        return [SimpleNamespace(result=lambda p=p: SimpleNamespace(hypotheses=[p], scores=[-1.0])) for p in pieces]
+
+
+def test_all_sources_are_in_flight_at_once_one_call_per_length_limit(ckpt, monkeypatch):
+    _, tok, _ = load_for_inference(ckpt)
+    monkeypatch.setattr(ct2, "tqdm", lambda pending, **kwargs: pending)
+    fake = FakeTranslator()
+    src_ids = [[5] * n for n in (3, 9, 3, 4, 9, 9)]  # limits int(0.5 * (n + 1) + 3): 5, 8, 5, 5, 8, 8
+    out = ct2.decode_ids(fake, tok, src_ids, replace(AT_LIMIT, beam_size=2), 256)
+    assert fake.calls == [(3, 8, True), (3, 5, True)]  # the longest first, none waited for before the next
+    assert out == [(ids, -1.0) for ids in src_ids]

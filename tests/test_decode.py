@@ -32,16 +32,23 @@ def random_src(seed, batch_size=6, max_len=9):
     return src
 
 
-def sequence_logprob(model, src_row, hyp):
-    """Sum of log p(y_t | y_<t, x) over hyp + eos, by teacher forcing (the oracle); p is the
-    distribution over the tokens that can be emitted (pad and bos masked before the softmax)."""
+def sequence_logprob(model, src_row, hyp, cut=False):
+    """Sum of log p(y_t | y_<t, x) over hyp + eos (over hyp alone if it was ``cut`` at the length
+    limit), by teacher forcing (the oracle); p is the distribution over the tokens that can be
+    emitted (pad and bos masked before the softmax)."""
     src_row = src_row[src_row.ne(PAD)][None]
     tgt_in = torch.tensor([[BOS] + hyp])
     with torch.no_grad():
         logits = model(src_row, tgt_in)[0]  # (T, V)
         logits[:, [PAD, BOS]] = -torch.inf
         lprobs = logits.log_softmax(-1)
-    return lprobs[torch.arange(len(hyp) + 1), torch.tensor(hyp + [EOS])].sum().item()
+    tgt = hyp if cut else hyp + [EOS]
+    return lprobs[torch.arange(len(tgt)), torch.tensor(tgt)].sum().item()
+
+
+def max_lens(src, limits):
+    """Each sentence's length limit under ``limits`` (its source length counts eos, not padding)."""
+    return [int(limits.max_len_a * n + limits.max_len_b) for n in src.ne(PAD).sum(1).tolist()]
 
 
 SEEDS = range(4)
@@ -87,10 +94,10 @@ def test_beam_is_at_least_as_good_as_greedy(seed):
     model, src = random_model(seed), random_src(seed, batch_size=10)
     greedy = greedy_search(model, src, SPEC, LIMITS)
     beam = beam_search(model, src, SPEC, opts(beam_size=5, len_penalty=0.0))
-    for i, (greedy_hyp, hyps) in enumerate(zip(greedy, beam)):
+    for i, (greedy_hyp, hyps, limit) in enumerate(zip(greedy, beam, max_lens(src, LIMITS))):
         best_hyp, best_score = hyps[0]
-        assert best_score == pytest.approx(sequence_logprob(model, src[i], best_hyp), abs=1e-5)
-        assert best_score >= sequence_logprob(model, src[i], greedy_hyp) - 1e-5
+        assert best_score == pytest.approx(sequence_logprob(model, src[i], best_hyp, len(best_hyp) == limit), abs=1e-5)
+        assert best_score >= sequence_logprob(model, src[i], greedy_hyp, len(greedy_hyp) == limit) - 1e-5
 
 
 @pytest.mark.parametrize("style", ["fairseq", "gnmt"])
@@ -98,11 +105,15 @@ def test_beam_is_at_least_as_good_as_greedy(seed):
 def test_beam_scores_are_length_normalised_logprobs(len_penalty, style):
     model, src = random_model(0), random_src(0)
     beam = beam_search(model, src, SPEC, opts(beam_size=4, len_penalty=len_penalty), nbest=4, len_penalty_style=style)
-    for i, hyps in enumerate(beam):
+    n_cut = 0
+    for i, (hyps, limit) in enumerate(zip(beam, max_lens(src, LIMITS))):
         for hyp, score in hyps:
-            length = len(hyp) + 1  # eos counts
+            cut = len(hyp) == limit  # cut at the limit: no eos; otherwise eos counts
+            length = len(hyp) if cut else len(hyp) + 1
             norm = length**len_penalty if style == "fairseq" else ((5 + length) / 6) ** len_penalty
-            assert score == pytest.approx(sequence_logprob(model, src[i], hyp) / norm, abs=1e-5)
+            assert score == pytest.approx(sequence_logprob(model, src[i], hyp, cut) / norm, abs=1e-5)
+            n_cut += cut
+    assert n_cut > 0  # hypotheses cut at the limit are among them
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -124,12 +135,12 @@ def test_max_length_and_special_tokens(search):
     else:
         beam = beam_search(model, src, SPEC, replace(limits, beam_size=3), nbest=3)
         nbest = [[hyp for hyp, _ in hyps] for hyps in beam]
-    max_lens = [int(0.5 * n + 1) for n in src.ne(PAD).sum(1).tolist()]  # src_len without padding
-    for hyps, max_len in zip(nbest, max_lens):
+    limits_per_sentence = max_lens(src, limits)
+    for hyps, max_len in zip(nbest, limits_per_sentence):
         for hyp in hyps:
             assert len(hyp) <= max_len
             assert not {PAD, BOS, EOS} & set(hyp)
-    assert any(len(hyp) == max_len for hyps, max_len in zip(nbest, max_lens) for hyp in hyps)  # eos forced
+    assert any(len(hyp) == max_len for hyps, max_len in zip(nbest, limits_per_sentence) for hyp in hyps)  # cut there
 
 
 def test_batching_does_not_change_outputs():

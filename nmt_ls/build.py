@@ -20,6 +20,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -31,7 +32,7 @@ from torch import nn
 from nmt_ls import checkpoint
 from nmt_ls.batching import Batch, batch_by_tokens
 from nmt_ls.binarize import EncodedPairs, MmapPairs, binarize_recipe, spm_sha256
-from nmt_ls.config import RunConfig, to_dict
+from nmt_ls.config import RunConfig, to_dict, with_size
 from nmt_ls.criterions import CRITERIONS, build_criterion, import_user_module
 from nmt_ls.criterions.label_smoothed import IMPLEMENTATIONS
 from nmt_ls.data import Corpus, open_corpus, read_split
@@ -40,6 +41,7 @@ from nmt_ls.hardware import AMP, choose_amp, cpu_capability, cpu_model, matmul_g
 from nmt_ls.metrics import MetricsWriter
 from nmt_ls.model import build_model
 from nmt_ls.optim import COOLDOWN_SHAPES, STABLE_PHASES, WsdShape, build_optimizer, build_scheduler
+from nmt_ls.sizing import choose_size, update_seconds
 from nmt_ls.tokenizer import MODEL_TYPES, Tokenizer, train_spm
 
 log = logging.getLogger(__name__)
@@ -112,7 +114,20 @@ class Built:
 
 
 def check_config(cfg: RunConfig) -> None:
-    """Every option that can be checked before any data work; errors name the recipe key."""
+    """Every option that can be checked before any data work, for each size that ``size: auto``
+    may choose (the error names the size); errors name the recipe key."""
+    if not cfg.sizes or cfg.size != "auto":
+        check_options(cfg)
+        return
+    for name in cfg.sizes:
+        try:
+            check_options(with_size(cfg, name))
+        except ValueError as e:
+            raise ValueError(f"sizes.{name}: {e}") from None
+
+
+def check_options(cfg: RunConfig) -> None:
+    """Every option of a recipe that trains as it is (its size resolved), on nothing."""
     t = cfg.train
     if t.lr_scheduler == "wsd" and t.max_updates <= 0 and t.max_minutes <= 0:
         raise ValueError("train.lr_scheduler=wsd needs train.max_updates, or train.max_minutes to plan them from")
@@ -328,11 +343,20 @@ def choose_precision(built: Built, ckpt: dict | None) -> Built:
 # ---- set-up -----------------------------------------------------------------------------------
 
 
-def setup(cfg: RunConfig, ckpt: dict | None, test_split: bool = False) -> Built:
-    """Process group, ``out_dir``'s lock, corpus (resolved once), tokenizer, data, model,
-    criterion, optimizer and schedule (``ckpt``: the checkpoint to resume from, whose states
-    :func:`nmt_ls.resume.restore` loads next); with ``test_split`` the test pairs too, read once
-    by the main worker. The caller calls :meth:`Built.release` when the run ends."""
+def setup(
+    cfg: RunConfig,
+    ckpt: dict | None,
+    test_split: bool = False,
+    clock: Callable[[], float] = time.time,
+    started: float | None = None,
+) -> Built:
+    """Process group, ``out_dir``'s lock, corpus (resolved once), the model size
+    (:func:`nmt_ls.sizing.choose_size`, timed on ``clock`` in the budget that counts from
+    ``started``, default now), tokenizer, data, model, criterion, optimizer and schedule
+    (``ckpt``: the checkpoint to resume from, whose states :func:`nmt_ls.resume.restore` loads
+    next); with ``test_split`` the test pairs too, read once by the main worker. The caller calls
+    :meth:`Built.release` when the run ends."""
+    started = clock() if started is None else started
     t = cfg.train
     threads = num_threads(t.num_threads)
     torch.set_num_threads(threads)
@@ -347,6 +371,9 @@ def setup(cfg: RunConfig, ckpt: dict | None, test_split: bool = False) -> Built:
         random.seed(t.seed)
         torch.manual_seed(t.seed)
         corpus = open_corpus(cfg.data, prepare=world.is_main)  # prepared by the main worker alone
+        time_size = functools.partial(update_seconds, device=world.device, clock=clock)
+        cfg = choose_size(cfg, world, ckpt is not None, lambda: clock() - started, time_size)
+        t = cfg.train  # the size may set train keys (max_tokens, lr)
         tok = load_tokenizer(cfg, world, ckpt, corpus)
         data = open_data(cfg, tok, world, corpus)
         valid = valid_set(cfg, tok, data["valid"])

@@ -168,9 +168,21 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SizeConfig:
+    """One rung of a recipe's ladder of model sizes (``sizes:``)."""
+
+    min_updates: int  # chosen by size: auto when the time budget is estimated to hold this many updates
+    set: dict | None = None  # recipe keys -> values, dotted as overrides (model.d_model: 128); none: nothing
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs/run"
+    # auto: the first of `sizes` whose estimated updates in train.max_minutes reach its min_updates
+    # (nmt_ls.sizing), else the last; a name: that size, nothing timed
+    size: str = "auto"
+    sizes: dict[str, SizeConfig] = field(default_factory=dict)  # name -> SizeConfig, largest first
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: Architecture = field(default_factory=Architecture)
@@ -194,6 +206,8 @@ def _coerce(value, tp, key: str):
             except ConfigError:
                 pass
         raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if origin is dict:
+        return _coerce_mapping(value, tp, key)
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -204,6 +218,20 @@ def _coerce(value, tp, key: str):
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _coerce_mapping(value, tp, key: str) -> dict:
+    """A ``dict[str, X]`` field, ``X`` a dataclass (``sizes``): string names, each value an ``X``
+    built from its own mapping; nothing under the key is an empty mapping, as for a section."""
+    value = {} if value is None else value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    key_tp, value_tp = typing.get_args(tp)
+    out = {}
+    for name, item in value.items():
+        name = _coerce(name, key_tp, f"{key} name")
+        out[name] = from_dict(value_tp, item, f"{key}.{name}")
+    return out
 
 
 # Keys that were renamed: using the old one is an error that names the new one.
@@ -223,6 +251,9 @@ def from_dict(cls, data: dict, prefix: str = ""):
             raise ConfigError(f"{where + k} was renamed to {RENAMED[where + k]}")
     if unknown:
         raise ConfigError(f"unknown key(s) {[where + k for k in unknown]}; valid keys: {names}")
+    required = [f.name for f in dataclasses.fields(cls) if f.default is f.default_factory is dataclasses.MISSING]
+    if missing := [k for k in required if k not in data]:
+        raise ConfigError(f"missing key(s) {[where + k for k in missing]}")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -264,12 +295,74 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     data = apply_overrides(data, overrides or [])
     try:
-        cfg = from_dict(RunConfig, data)
+        cfg = resolve_sizes(from_dict(RunConfig, data), overrides or [])
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     if "out_dir" not in data:
         cfg = dataclasses.replace(cfg, out_dir=f"runs/{cfg.name}")
     return cfg
+
+
+# Keys that no size may set: the budget and the machine that the size is chosen by, the corpus (opened
+# before the choice) and eval (which `nmt-ls run` reads from the recipe).
+NOT_BY_SIZE = ("data.", "eval.", "train.max_minutes", "train.max_updates", "train.num_threads", "train.device")
+NOT_BY_SIZE += ("train.seed",)  # seeded before the choice
+
+
+def size_values(values: dict, prefix: str, cls=RunConfig, under: str = "") -> dict:
+    """A size's ``set`` (at ``prefix``, e.g. ``sizes.small.set``) as ``{section.key: value}``,
+    each value typed as the recipe key takes it; nested mappings (``model: {d_model: 128}``, as
+    an override ``sizes.small.set.model.d_model=128`` makes) are flattened, the later key winning."""
+    hints = typing.get_type_hints(cls)
+    valid = [n for n, tp in hints.items() if dataclasses.is_dataclass(tp)] if cls is RunConfig else list(hints)
+    out = {}
+    for dotted, value in values.items():
+        head, _, rest = str(dotted).partition(".")
+        key = under + head
+        if head not in valid:
+            raise ConfigError(f"unknown key(s) {[f'{prefix}.{under}{dotted}']}; valid keys: {valid}")
+        if dataclasses.is_dataclass(hints[head]):
+            section = {rest: value} if rest else value
+            if not isinstance(section, dict):
+                raise ConfigError(f"{prefix}.{key}: expected a mapping, got {type(section).__name__}")
+            out.update(size_values(section, prefix, hints[head], key + "."))
+        elif rest:
+            raise ConfigError(f"unknown key(s) {[f'{prefix}.{under}{dotted}']}; {key} is not a section")
+        elif key.startswith(NOT_BY_SIZE):
+            raise ConfigError(f"{prefix}.{key}: a size may not set it (none of {', '.join(NOT_BY_SIZE)})")
+        else:
+            out.pop(key, None)  # the later spelling goes last, as it wins
+            out[key] = _coerce(value, hints[head], f"{prefix}.{key}")
+    return out
+
+
+def resolve_sizes(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """``cfg`` with each size's ``set`` checked and flattened (:func:`size_values`), less the keys
+    that ``overrides`` set (an override wins over every size), and resolved to a pinned ``size``."""
+    overridden = {item.split("=", 1)[0] for item in overrides}
+    sizes = {}
+    for name, size in cfg.sizes.items():
+        if name == "auto":
+            raise ConfigError("sizes.auto: auto is size's choice by the budget, not a name for a size")
+        if size.min_updates < 0:
+            raise ConfigError(f"sizes.{name}.min_updates must be >= 0, got {size.min_updates}")
+        values = size_values(size.set or {}, f"sizes.{name}.set")
+        sizes[name] = SizeConfig(size.min_updates, {k: v for k, v in values.items() if k not in overridden})
+    cfg = dataclasses.replace(cfg, sizes=sizes)
+    return cfg if cfg.size == "auto" else with_size(cfg, cfg.size)
+
+
+def with_size(cfg: RunConfig, name: str) -> RunConfig:
+    """``cfg`` as size ``name`` trains it: that size's ``set`` applied, ``size`` set to ``name``."""
+    if name not in cfg.sizes:
+        listed = ", ".join(cfg.sizes) or "none"
+        raise ConfigError(f"size: {name!r} is not one of the recipe's sizes ({listed}) nor auto")
+    sections: dict[str, dict] = {}
+    for dotted, value in (cfg.sizes[name].set or {}).items():
+        section, key = dotted.split(".")
+        sections.setdefault(section, {})[key] = value
+    changed = {section: dataclasses.replace(getattr(cfg, section), **kw) for section, kw in sections.items()}
+    return dataclasses.replace(cfg, size=name, **changed)
 
 
 def to_dict(cfg) -> dict:

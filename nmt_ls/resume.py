@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nmt_ls import checkpoint
-from nmt_ls.config import DROPOUTS, RunConfig, differences, to_dict
+from nmt_ls.config import DROPOUTS, RunConfig, differences, to_dict, with_size
 from nmt_ls.optim import WarmupStableDecay, WsdShape, go_to_update
 from nmt_ls.planner import Budget, PlanState
 
@@ -46,9 +46,10 @@ def saved_states(state: TrainState, plan: PlanState) -> dict:
     return {**dataclasses.asdict(state), **dataclasses.asdict(plan)}
 
 
-def load_last(cfg: RunConfig) -> dict:
-    """The checkpoint that ``--resume`` continues from, after checking that the recipe's tokenizer
-    and model are its own (dropout may change); an error naming the file or the keys otherwise."""
+def load_last(cfg: RunConfig) -> tuple[RunConfig, dict]:
+    """The recipe as the checkpoint that ``--resume`` continues from trained it (its size,
+    :func:`checkpoint_size`), and that checkpoint, after checking that the recipe's tokenizer and
+    model are its own (dropout may change); an error naming the file or the keys otherwise."""
     path = Path(cfg.out_dir) / "checkpoint_last.pt"
     if not path.is_file():
         raise FileNotFoundError(
@@ -56,6 +57,7 @@ def load_last(cfg: RunConfig) -> dict:
             "run without --resume to start anew"
         )
     ckpt = checkpoint.load(path)
+    cfg = checkpoint_size(cfg, ckpt["config"].get("size", "auto"))
     for section in ("tokenizer", "model"):
         differ = differences(section, to_dict(getattr(cfg, section)), ckpt["config"][section], DROPOUTS)
         if differ:
@@ -64,7 +66,26 @@ def load_last(cfg: RunConfig) -> dict:
                 + ", ".join(f"{key}={ours!r} (checkpoint: {theirs!r})" for key, ours, theirs in differ)
                 + "; resume with the same recipe or start a new out_dir"
             )
-    return ckpt
+    return cfg, ckpt
+
+
+def checkpoint_size(cfg: RunConfig, saved: str) -> RunConfig:
+    """``cfg`` at the size that the checkpoint trained (``saved``; auto: a run without sizes):
+    ``size: auto`` takes it; a recipe that pins another size, or lacks the checkpoint's, is an
+    error naming both."""
+    if not cfg.sizes or (saved == "auto" and cfg.size != "auto"):
+        return cfg  # the model comparison that follows finds any difference
+    listed = ", ".join(cfg.sizes)
+    if saved == "auto":
+        raise ValueError(f"--resume: the checkpoint records no size; pin the one it trained with size=NAME ({listed})")
+    if saved not in cfg.sizes:
+        raise ValueError(f"--resume: the checkpoint's size {saved!r} is not one of the recipe's sizes ({listed})")
+    if cfg.size not in ("auto", saved):
+        raise ValueError(
+            f"--resume: the recipe's size differs from the checkpoint's: size={cfg.size!r} (checkpoint: {saved!r}); "
+            f"resume with size={saved} or start a new out_dir"
+        )
+    return with_size(cfg, saved)
 
 
 def restore(built, ckpt: dict | None) -> tuple[TrainState, PlanState, bool]:

@@ -64,8 +64,8 @@ def train(
     """
     started = clock() if started is None else started
     check_config(cfg)  # before any data work
-    ckpt = load_last(cfg) if resume else None
-    built = setup(cfg, ckpt, test_split)
+    cfg, ckpt = load_last(cfg) if resume else (cfg, None)
+    built = setup(cfg, ckpt, test_split, clock, started)
     try:
         state, plan, refit = restore(built, ckpt)
         built = choose_precision(built, ckpt)

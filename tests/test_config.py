@@ -8,6 +8,7 @@ from nmt_ls.config import ConfigError, RunConfig, load_recipe, to_dict
 
 ROOT = Path(__file__).parent.parent
 SMOKE = ROOT / "recipes" / "smoke.yaml"
+LADDER = "sizes:\n  small:\n    min_updates: 0\n    set:\n"  # a size's set follows, indented 6
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
 
 
@@ -41,6 +42,16 @@ def test_overrides_are_literal_evaluated(tmp_path):
     assert cfg.out_dir == "runs/smoke"  # the recipe's own out_dir wins over the name
 
 
+def test_the_default_recipe_sizes_base_then_small():
+    cfg = load_recipe(ROOT / "recipes" / "lohelp_en_de.yaml")
+    assert cfg.size == "auto" and list(cfg.sizes) == ["base", "small"]
+    assert cfg.sizes["base"].set == {"model.d_model": 256, "model.ffn_dim": 1024}
+    assert cfg.sizes["small"].set == {"model.d_model": 128, "model.ffn_dim": 512}
+    assert (cfg.sizes["base"].min_updates, cfg.sizes["small"].min_updates) == (1500, 0)
+    small = load_recipe(ROOT / "recipes" / "lohelp_en_de.yaml", ["size=small"])
+    assert (small.size, small.model.d_model, small.model.ffn_dim, small.model.n_heads) == ("small", 128, 512, 4)
+
+
 def test_out_dir_defaults_to_runs_name(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("name: abc\n")
@@ -59,6 +70,22 @@ def test_out_dir_defaults_to_runs_name(tmp_path):
         ("train:\n  betas: [0.9]\n", r"train.betas: expected a list of 2 values"),
         ("train: 3\n", r"train: expected a mapping, got int"),
         ("train: [1\n", r"not valid YAML"),
+        (
+            f"{LADDER}      model.d_modl: 3\n",
+            r"unknown key\(s\) \['sizes.small.set.model.d_modl'\]; valid keys: \['d_model'",
+        ),
+        (f"{LADDER}      model: {{d_model: x}}\n", r"sizes.small.set.model.d_model: expected int, got str 'x'$"),
+        (
+            f"{LADDER}      modle.d_model: 3\n",
+            r"unknown key\(s\) \['sizes.small.set.modle.d_model'\]; valid keys: \['data'",
+        ),
+        (
+            f"{LADDER}      train.max_minutes: 3\n",
+            r"sizes.small.set.train.max_minutes: a size may not set it \(none of data.",
+        ),
+        (f"size: big\n{LADDER}", r"size: 'big' is not one of the recipe's sizes \(small\) nor auto$"),
+        ("sizes:\n  small:\n    set: {}\n", r"missing key\(s\) \['sizes.small.min_updates'\]$"),
+        ("sizes:\n  small:\n    min_updates: many\n", r"sizes.small.min_updates: expected int, got str 'many'$"),
     ],
 )
 def test_bad_recipes_name_the_key(tmp_path, text, match):

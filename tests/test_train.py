@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from nmt_ls import checkpoint
 from nmt_ls.config import load_recipe
@@ -63,6 +64,19 @@ def test_smoke_train_loss_falls_and_logs_ppl_of_nll(smoke_run):
         assert 0.0 < r["accuracy"] < 100.0
     assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in va[-1]["bleu_signature"]
     assert (Path(cfg.out_dir) / "config.yaml").exists()
+
+
+def test_a_recipe_without_sizes_writes_its_own_model(smoke_run):
+    cfg, summary = smoke_run
+    written = yaml.safe_load((Path(cfg.out_dir) / "config.yaml").read_text())
+    saved = checkpoint.load(summary["checkpoint_last"])["config"]
+    for config in (written, saved):
+        assert (config["size"], config["sizes"]) == ("auto", {})
+        assert {k: config["model"][k] for k in ("d_model", "ffn_dim", "n_heads")} == {
+            "d_model": 64,
+            "ffn_dim": 128,
+            "n_heads": 2,
+        }
 
 
 def test_checkpoint_round_trip_gives_identical_logits(smoke_run, tmp_path):

@@ -124,7 +124,7 @@ def cmd_run(args) -> int:
     from nmt_ls.config import load_recipe
     from nmt_ls.distributed import is_main_process, resolve_device
     from nmt_ls.plot import plot_log
-    from nmt_ls.scoring import score_test_split
+    from nmt_ls.scoring import score_test_split, scoring_engine
     from nmt_ls.train import train
 
     start = time.time()
@@ -135,8 +135,10 @@ def cmd_run(args) -> int:
     if not is_main_process():  # under torchrun, rank 0 alone decodes the test split, writes and prints
         return 0
     test = summary.pop("test_pairs", [])  # read once, at set-up
-    device = resolve_device(cfg.train.device)
-    scores = score_test_split(summary["checkpoint_best"], test, cfg.eval, out_dir, cfg.data.tgt_lang, device)
+    chosen, probe_s = summary.pop("test_engine", ""), summary.pop("probe_s", {})  # by the decoding probe
+    engine = scoring_engine(summary["checkpoint_best"], chosen, probe_s, resolve_device(cfg.train.device))
+    scores = score_test_split(engine, test, cfg.eval, out_dir, cfg.data.tgt_lang)
+    del engine  # CTranslate2's threads end here, not in a garbage collection that a forked child may run (a hang)
     png = plot_log(summary["log"], out_dir / "curves.png")
     minutes = (time.time() - start) / 60
     (out_dir / "summary.json").write_text(
@@ -146,7 +148,7 @@ def cmd_run(args) -> int:
     updates, train_minutes = summary["updates"], summary["minutes"]
     print(f"\nrun {cfg.name} finished in {minutes:.1f} min ({updates} updates, {train_minutes:.1f} min training)")
     print(f"  test BLEU (beam {beam['beam_size']}): {beam['bleu']:.2f}   greedy: {greedy['bleu']:.2f}", end="")
-    print(f"   (decoded with {scores['engine']} {scores['precision']})")
+    print(f"   (decoded with {scores['engine']} {scores['precision']}, {scores['engine_note']})")
     print(f"  signature:  {scores['beam']['bleu_signature']}")
     print(f"  log:        {summary['log']}")
     print(f"  plot:       {png}")

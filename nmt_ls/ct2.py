@@ -137,21 +137,24 @@ def export(checkpoint: str | Path, out_dir: str | Path, quantization: str = "flo
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir} already exists (use --force to replace it)")
     model, tok, cfg = load_for_inference(checkpoint)
-    spec = _spec(model, tok, cfg["model"].get("pre_norm", True))
+    settings = {"checkpoint": str(checkpoint), "quantization": quantization, "model": cfg["model"], "eval": cfg["eval"]}
+    return write_export(model, tok, out_dir, settings)
+
+
+def write_export(model: Seq2Seq, tok: Tokenizer, out_dir: Path, settings: dict) -> Path:
+    """Write the CTranslate2 model directory ``out_dir`` for ``model`` (a checkpoint's, or one in
+    training) as ``settings`` say: ``quantization``, ``model`` (its config dict), ``eval`` and
+    ``checkpoint`` (None for weights in memory), kept in its ``nmt_ls.json`` with the model's
+    ``max_positions``. Built beside ``out_dir`` and renamed into place, replacing what is there."""
+    spec = _spec(model, tok, settings["model"].get("pre_norm", True))
     spec.validate()
-    spec.optimize(quantization=quantization)
+    spec.optimize(quantization=settings["quantization"])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         spec.save(str(tmp))
         (tmp / SPM).write_bytes(tok.sp.serialized_model_proto())
-        settings = {
-            "checkpoint": str(checkpoint),
-            "quantization": quantization,
-            "max_positions": model.max_positions,
-            "model": cfg["model"],
-            "eval": cfg["eval"],
-        }
+        settings = {**settings, "max_positions": model.max_positions}
         (tmp / SETTINGS).write_text(json.dumps(settings, indent=2), encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)

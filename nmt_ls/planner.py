@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,10 @@ class PlanState:
     planned_updates: int = 0  # the total fixed from the measured update rate (0: not yet)
     update_s: float = 0.0  # seconds per update over the last timed window (0: not measured yet)
     validation_s: float = 0.0  # seconds of the last validation with its saves (0: not measured yet)
-    greedy_s: float = 0.0  # seconds per sentence of greedy decoding, at the last validation or probe
-    beam_ratio: float = 0.0  # beam decoding's seconds over greedy's on the same sentences
+    greedy_s: float = 0.0  # our torch search's seconds per sentence, greedy, at the last validation or probe
+    beam_ratio: float = 0.0  # its beam search's seconds over greedy's on the same sentences
+    test_engine: str = ""  # the engine that decodes the test split, chosen by the probe ("": not yet)
+    probe_s: dict = field(default_factory=dict)  # {engine: {"greedy": s, "beam": s}} per sentence in the probe
 
 
 @dataclass(frozen=True)
@@ -154,9 +156,11 @@ class Budget:
 class Probe:
     """Decoding speed measured before the first validation (see :meth:`Planner.plan`)."""
 
-    greedy_s: float  # seconds per sentence, greedy
-    beam_ratio: float  # beam search's seconds over greedy's
+    greedy_s: float  # our torch search's seconds per sentence, greedy
+    beam_ratio: float  # its beam search's seconds over greedy's
     validation_s: float  # seconds of a validation (0: not measured)
+    test_engine: str = ""  # the faster engine at beam search, for the test split ("": none chosen)
+    probe_s: dict = field(default_factory=dict)  # each engine's seconds per sentence (PlanState.probe_s)
 
 
 class UpdateRate:
@@ -218,10 +222,20 @@ class Planner:
     def reserve_s(self) -> float:
         """Seconds kept after training for decoding the test set greedy and with beam search, then
         loading, exporting and scoring the best checkpoint (``RUN_TAIL_S``, ``TAIL_SAVES``)."""
-        s = self.state
         if not self.budget.test_sentences:
             return 0.0
-        return self.budget.test_sentences * s.greedy_s * (1 + s.beam_ratio) + RUN_TAIL_S + TAIL_SAVES * self.save_s
+        return self.budget.test_sentences * self.test_sentence_s() + RUN_TAIL_S + TAIL_SAVES * self.save_s
+
+    def test_sentence_s(self) -> float:
+        """Seconds per test sentence, greedy and beam search together, on the engine chosen for the
+        test split: its seconds in the probe, scaled as our torch search's speed moved since (each
+        validation measures torch's greedy decoding)."""
+        s = self.state
+        torch_s = s.greedy_s * (1 + s.beam_ratio)
+        chosen, probed = s.probe_s.get(s.test_engine), s.probe_s.get("torch")
+        if not (chosen and probed and probed["greedy"] > 0):
+            return torch_s
+        return sum(chosen.values()) * s.greedy_s / probed["greedy"]
 
     def deadline_s(self) -> float:
         """Seconds into the run by which training must have stopped (inf without a budget)."""
@@ -245,6 +259,7 @@ class Planner:
         """A validation took ``seconds`` and decoded at ``greedy_s`` a sentence (rank 0's, with
         its last save's seconds, on every worker)."""
         self.state.validation_s, self.state.greedy_s = self.world.broadcast((seconds + self.save_s, greedy_s))
+        self.choose_test_engine()
         self.plan(runway)
 
     def on_save(self, seconds: float) -> None:
@@ -265,7 +280,7 @@ class Planner:
         self.tick()
         if self.over(runway.done):
             return
-        if not s.validation_s or (b.test_sentences and not s.beam_ratio):
+        if not s.validation_s or (b.test_sentences and not s.test_engine):
             self.measure_decoding()
         seconds_left = PLAN_TARGET * 60 * b.max_minutes - self.reserve_s() - s.elapsed
         total = plan_total_updates(
@@ -297,14 +312,28 @@ class Planner:
         cooldown = round(self.scheduler.cooldown_fraction * planned)
         return min(planned, done + max(1, math.ceil(MIN_COOLDOWN_SHARE * cooldown)))
 
+    def choose_test_engine(self) -> None:
+        """Probe decoding, if the run decodes a test split and no probe chose its engine yet: at
+        the first plan or validation, whichever comes first, so that every checkpoint holds the
+        choice; at the end of a run resumed from a checkpoint without one."""
+        if self.budget.test_sentences and not self.state.test_engine:
+            self.measure_decoding()
+
     def measure_decoding(self) -> None:
-        """Decoding speed (and a validation's seconds, if none was measured) from the probe."""
+        """Decoding speed (and a validation's seconds, if none was measured) from the probe, and
+        the engine it chose for the test split (rank 0's on every worker)."""
         s = self.state
         probe = self.probe(not s.validation_s)
         self.world.wait_for_main()
         probe = self.world.broadcast(probe)
         s.greedy_s, s.beam_ratio = probe.greedy_s, probe.beam_ratio
         s.validation_s = probe.validation_s or s.validation_s
+        if probe.test_engine:
+            s.test_engine, s.probe_s = probe.test_engine, probe.probe_s
+            beam_s = ", ".join(f"{name} {seconds['beam']:.4f} s" for name, seconds in s.probe_s.items())
+            log.info(
+                "decoding probe: the test split is decoded by %s (beam search: %s a sentence)", s.test_engine, beam_s
+            )
 
     def fix(self, total: int, done: int) -> None:
         """Set the schedule's total (and on the first plan its warmup) and log the plan."""

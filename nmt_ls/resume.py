@@ -114,7 +114,17 @@ def restore(built, ckpt: dict | None) -> tuple[TrainState, PlanState, bool]:
             saved_by,
             world.world_size,
         )
+        if built.test_pairs:
+            log.info("--resume: %s", engine_kept(plan.test_engine))
     return state, plan, apply_schedule_changes(built, ckpt, plan, state.update)
+
+
+def engine_kept(test_engine: str) -> str:
+    """What a resumed run does about the engine for the test split: keep the checkpoint's choice,
+    or probe decoding where the checkpoint holds none."""
+    if test_engine:
+        return f"the test split is decoded by {test_engine}, as the checkpoint's decoding probe chose"
+    return "the checkpoint holds no engine chosen for the test split (saved before a decoding probe): probing again"
 
 
 def change_budget(state: TrainState, old: int, max_tokens: int) -> None:

@@ -20,12 +20,13 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from nmt_ls import checkpoint
+from nmt_ls import checkpoint, scoring
 from nmt_ls.batching import untrained_batches, update_size, updates_left
 from nmt_ls.build import Built, check_config, choose_precision, describe, setup, to_sample
 from nmt_ls.config import RunConfig, to_dict
@@ -114,6 +115,7 @@ class Trainer:
         self.planner.stop()  # the last validation leaves the plan as trained
         if s.validated_at != s.update:
             self.validate_and_save()
+        self.planner.choose_test_engine()  # resumed from a checkpoint that holds no choice
         if b.writer:
             b.writer.close()
         return self.summarize(reason)
@@ -346,26 +348,30 @@ class Trainer:
         b.world.wait_for_main()
 
     def probe_decoding(self, need_validation: bool) -> Probe:
-        """Before the first validation, what the plan needs from decoding a few valid sentences
-        greedy and with beam search: the seconds per sentence and beam's factor over greedy; with
-        ``need_validation`` also the seconds of a validation (a pass of the valid loss, and greedy
-        BLEU's decoding at the probe's speed). The main worker's; the others return theirs."""
+        """At the first plan (or, for the test split's engine, the first validation), what the
+        plan needs from decoding a few valid sentences greedy and with beam search: our torch
+        search's seconds per sentence and beam's factor over greedy; with ``need_validation`` also
+        the seconds of a validation (a pass of the valid loss, and greedy BLEU's decoding at the
+        probe's speed). With a test split to decode (``nmt-ls run``), CTranslate2 is timed too
+        where it can run (:func:`scoring.probe_translators`) and the faster engine at beam search
+        is chosen for it. The main worker's; the others return theirs."""
         b, e, plan = self.built, self.built.cfg.eval, self.planner.state
         src = b.valid.bleu_src[:DECODE_PROBE_SENTENCES]
         if not (b.world.is_main and src):
-            return Probe(plan.greedy_s, plan.beam_ratio, 0.0)
-        seconds = []
-        for beam in (1, e.beam_size):
-            start = self.clock()
-            translate(b.model, b.tok, src, dataclasses.replace(e, beam_size=beam))
-            seconds.append(self.clock() - start)
-        greedy_s, beam_ratio = seconds[0] / len(src), seconds[1] / max(seconds[0], 1e-9)
+            return Probe(plan.greedy_s, plan.beam_ratio, 0.0, plan.test_engine, plan.probe_s)
+        translators = {"torch": partial(translate, b.model, b.tok)}
+        if self.planner.budget.test_sentences:
+            translators = scoring.probe_translators(b.model, b.tok, to_dict(b.cfg.model), b.world.device)
+        probe_s = scoring.time_engines(translators, src, e, self.clock)
+        translators.clear()  # CTranslate2's threads end here, not in a garbage collection (see cmd_run)
+        greedy_s, beam_s = probe_s["torch"]["greedy"], probe_s["torch"]["beam"]
         validation_s = 0.0
         if need_validation:
             start = self.clock()
             self.validation_outputs()
             validation_s = self.clock() - start + greedy_s * len(b.valid.bleu_src)
-        return Probe(greedy_s, beam_ratio, validation_s)
+        test_engine = scoring.faster_engine(probe_s) if self.planner.budget.test_sentences else ""
+        return Probe(greedy_s, beam_s / max(greedy_s, 1e-9), validation_s, test_engine, probe_s)
 
     def summarize(self, reason: str) -> dict:
         b, s, plan, out = self.built, self.state, self.planner.state, self.built.out_dir
@@ -384,8 +390,8 @@ class Trainer:
             "checkpoint_last": str(out / "checkpoint_last.pt"),
             "params": sum(q.numel() for q in b.model.parameters()),
         }
-        if b.test_pairs:
-            summary["test_pairs"] = b.test_pairs  # for scoring; not part of summary.json
+        if b.test_pairs:  # for scoring (`nmt-ls run` pops them; summary.json's "test" holds the engine)
+            summary.update(test_pairs=b.test_pairs, test_engine=plan.test_engine, probe_s=plan.probe_s)
         if b.world.is_main:
             log.info(
                 "training done (%s): %d updates, %.1f minutes, lr now %.3g, best %s %s",

@@ -3,13 +3,14 @@
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import sacrebleu
 import torch
 
-from nmt_ls import checkpoint
+from nmt_ls import checkpoint, scoring
 from nmt_ls.__main__ import main
 from nmt_ls.config import load_recipe
 from nmt_ls.train import train
@@ -190,3 +191,36 @@ def test_a_read_only_out_dir_is_a_one_line_error(tmp_path, monkeypatch, capsys):
         out_dir.chmod(0o755)
     assert capsys.readouterr().err == f"nmt-ls train: error: {out_dir}: Permission denied\n"
     assert list(out_dir.iterdir()) == []
+
+
+def run_smoke(out_dir, capsys, *extra) -> tuple[str, dict]:
+    """`nmt-ls run` of the smoke recipe for 2 updates: (what it printed, summary.json's test scores)."""
+    assert main(["run", RECIPE, *overrides(out_dir, "train.max_updates=2", "eval.beam_size=2"), *extra]) == 0
+    return capsys.readouterr().out, json.loads((out_dir / "summary.json").read_text())["test"]
+
+
+def test_run_decodes_the_test_split_with_the_engine_faster_in_the_probe_and_names_it(tmp_path, capsys, monkeypatch):
+    """No time budget: the probe still times both engines (at the validation) and the faster
+    at beam search decodes the test split; the summary line and summary.json name it with both
+    speeds, the checkpoint holds the choice, and ``--resume`` keeps it without probing again."""
+    pytest.importorskip("ctranslate2", reason='the ct2 extra is not installed (pip install -e ".[ct2]")')
+    out = tmp_path / "run"
+    printed, scores = run_smoke(out, capsys)
+    probe_s = scores["probe_s"]
+    engine, other = sorted(probe_s, key=lambda name: probe_s[name]["beam"])
+    note = f"{probe_s[other]['beam'] / probe_s[engine]['beam']:.1f}x {other} in the probe"
+    assert (scores["engine"], scores["precision"], scores["engine_note"]) == (engine, "float32", note)
+    assert f"(decoded with {engine} float32, {note})\n" in printed
+    ckpt = checkpoint.load(out / "checkpoint_last.pt")
+    assert (ckpt["test_engine"], ckpt["probe_s"]) == (engine, probe_s)
+    monkeypatch.setattr(scoring, "time_engines", lambda *args: pytest.fail("the resumed run probed again"))
+    printed, resumed = run_smoke(out, capsys, "--resume")
+    assert (resumed["engine"], resumed["probe_s"]) == (engine, probe_s)
+    assert f"(decoded with {engine} float32, {note})\n" in printed
+
+
+def test_run_without_ctranslate2_decodes_with_torch_and_says_why(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # import ctranslate2 raises ImportError
+    printed, scores = run_smoke(tmp_path / "run", capsys)
+    assert (scores["engine"], list(scores["probe_s"])) == ("torch", ["torch"])
+    assert "(decoded with torch float32, ctranslate2 not installed)\n" in printed

@@ -23,13 +23,13 @@ from nmt_ls.decode import SearchSpec, beam_search, greedy_search
 from nmt_ls.engines import encode_sources, load_for_inference
 from nmt_ls.inference import translate as torch_translate
 from nmt_ls.model import build_model
-from nmt_ls.scoring import score_test_split
+from nmt_ls.scoring import probe_translators, score_test_split, scoring_engine
 from nmt_ls.tokenizer import Tokenizer, train_spm
 
 from conftest import FIXTURE
 
 pytest.importorskip("ctranslate2", reason='the ct2 extra is not installed (pip install -e ".[ct2]")')
-from nmt_ls import ct2, engines  # noqa: E402
+from nmt_ls import ct2  # noqa: E402
 
 LINES = (FIXTURE / "test.en").read_text(encoding="utf-8").splitlines()[:80]
 MODELS = {  # model options, and the factor on the eos row of the output projection
@@ -164,19 +164,50 @@ def test_missing_extra_is_a_one_line_error(ckpt, tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 1
 
 
-def test_test_split_is_scored_with_ctranslate2_when_installed(tmp_path, ckpt, monkeypatch):
+def test_the_probes_engines_decode_the_model_in_training_alike(ckpt):
+    """The decoding probe's CTranslate2 comes from an export of the weights in memory (a model in
+    training, no checkpoint): its float32 outputs are torch's, greedy and with the beam."""
+    model, tok, cfg = load_for_inference(ckpt)
+    translators = probe_translators(model, tok, cfg["model"], "cpu")
+    assert list(translators) == ["torch", "ctranslate2"]
+    for options in (replace(EVAL, beam_size=1), EVAL):
+        assert translators["ctranslate2"](LINES[:20], options) == translators["torch"](LINES[:20], options)
+
+
+def test_test_split_is_scored_alike_by_either_engine_chosen(tmp_path, ckpt):
+    """The engine the probe chose decodes the test split and is named with both engines' speeds;
+    in float32 the choice changes the speed alone: the same hypotheses and scores."""
     refs = (FIXTURE / "test.de").read_text(encoding="utf-8").splitlines()[:20]
     args = (list(zip(LINES[:20], refs)), EVAL)
-    ours = score_test_split(ckpt, *args, tmp_path / "ct2_run", "de")
-    assert (ours["engine"], ours["precision"]) == ("ctranslate2", "float32")
-    monkeypatch.setattr(engines, "ctranslate2_available", lambda: False)
+    probe_s = {"torch": {"greedy": 0.02, "beam": 0.05}, "ctranslate2": {"greedy": 0.01, "beam": 0.02}}
+    ours = score_test_split(scoring_engine(ckpt, "ctranslate2", probe_s), *args, tmp_path / "ct2_run", "de")
+    assert (ours["engine"], ours["precision"], ours["engine_note"]) == (
+        "ctranslate2",
+        "float32",
+        "2.5x torch in the probe",
+    )
     (tmp_path / "torch_run").mkdir()
-    theirs = score_test_split(ckpt, *args, tmp_path / "torch_run", "de")
-    assert (theirs["engine"], theirs["precision"]) == ("torch", "float32")
+    theirs = score_test_split(scoring_engine(ckpt, "torch", probe_s), *args, tmp_path / "torch_run", "de")
+    assert (theirs["engine"], theirs["precision"], theirs["engine_note"]) == (
+        "torch",
+        "float32",
+        "0.4x ctranslate2 in the probe",
+    )
+    assert json.loads((tmp_path / "ct2_run" / "test_scores.json").read_text())["probe_s"] == probe_s
     for name in ("greedy", "beam"):
         hyps = (tmp_path / "ct2_run" / f"test.{name}.de").read_text()
         assert hyps == (tmp_path / "torch_run" / f"test.{name}.de").read_text()
         assert ours[name]["bleu"] == theirs[name]["bleu"]
+
+
+def test_ctranslate2_chosen_but_missing_falls_back_to_torch_and_says_so(ckpt, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # a resume on a machine without the extra
+    engine = scoring_engine(ckpt, "ctranslate2", {})
+    assert (engine.name, engine.precision) == ("torch", "float32")
+    assert engine.note.startswith(
+        'ctranslate2, chosen by the probe, failed: the ctranslate2 engine needs the "ct2" extra'
+    )
+    assert "decoding the test split with torch" in caplog.text
 
 
 def test_scoring_the_test_split_leaves_the_users_export_alone(tmp_path, ckpt, spm_path):
@@ -187,7 +218,7 @@ def test_scoring_the_test_split_leaves_the_users_export_alone(tmp_path, ckpt, sp
     user = ct2.export(random_checkpoint(tmp_path / "other.pt", spm_path, seed=3), out_dir / "ct2", "int8")
     before = {p.name: p.read_bytes() for p in user.iterdir()}
     refs = (FIXTURE / "test.de").read_text(encoding="utf-8").splitlines()[:5]
-    scores = score_test_split(ckpt, list(zip(LINES[:5], refs)), EVAL, out_dir, "de")
+    scores = score_test_split(scoring_engine(ckpt, "ctranslate2", {}), list(zip(LINES[:5], refs)), EVAL, out_dir, "de")
     assert (scores["engine"], scores["precision"]) == ("ctranslate2", "float32")
     assert {p.name: p.read_bytes() for p in user.iterdir()} == before
     assert json.loads((user / "nmt_ls.json").read_text())["quantization"] == "int8"

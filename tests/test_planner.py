@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nmt_ls import checkpoint
+from nmt_ls import checkpoint, scoring
 from nmt_ls.distributed import World
 from nmt_ls.optim import WarmupStableDecay, wsd_factor
 from nmt_ls.planner import PLAN_TARGET, RUN_TAIL_S, TAIL_SAVES, Budget, Planner, PlanState, Probe, Runway
@@ -128,7 +128,8 @@ def test_test_decoding_is_reserved_from_the_probe_and_training_stops_before_it()
 
     def probe(need_validation):
         probes.append(need_validation)
-        return Probe(greedy_s=0.05, beam_ratio=2.0, validation_s=0.5 if need_validation else 0.0)
+        validation_s = 0.5 if need_validation else 0.0
+        return Probe(0.05, 2.0, validation_s, "torch", {"torch": {"greedy": 0.05, "beam": 0.1}})
 
     planner = Planner(budget, sched, PlanState(), clock, probe, World(0, 1, torch.device("cpu")))
     update, state = 0, planner.state
@@ -146,6 +147,58 @@ def test_test_decoding_is_reserved_from_the_probe_and_training_stops_before_it()
     assert PLAN_TARGET * 90 - reserve - 2 <= state.elapsed <= 90 - reserve
     planner.on_save(0.5)  # loading and exporting the best checkpoint take about TAIL_SAVES saves
     assert planner.reserve_s() == pytest.approx(reserve + TAIL_SAVES * 0.5)
+
+
+def fake_engine(clock, greedy_s, beam_s):
+    """translate(lines, options) taking ``greedy_s`` or ``beam_s`` a line on ``clock``."""
+
+    def translate(lines, options, progress=False):
+        clock.advance(len(lines) * (greedy_s if options.beam_size == 1 else beam_s))
+        return lines
+
+    return translate
+
+
+def test_the_faster_engine_is_chosen_reserved_for_saved_and_kept_on_resume(tmp_path, clocked, monkeypatch, caplog):
+    # `nmt-ls run` (test_split) planned on a fake clock: torch decodes a valid sentence in 0.05 s
+    # greedy and 0.1 s with the beam, CTranslate2 in 0.02 s and 0.04 s. CTranslate2 is chosen and
+    # the first plan keeps its time for the 200 test sentences: 200 * 0.06 + RUN_TAIL_S = 17 s
+    # (torch's would be 35 s); every checkpoint holds the choice, and a resume does not probe again
+    engines = {"torch": (0.05, 0.1), "ctranslate2": (0.02, 0.04)}
+    monkeypatch.setattr(
+        scoring,
+        "probe_translators",
+        lambda *args: {name: fake_engine(clocked.clock, *seconds) for name, seconds in engines.items()},
+    )
+    out, budget = tmp_path / "run", (*WSD, "train.max_minutes=0.5", "train.warmup_steps=2")
+    with caplog.at_level("INFO", logger="nmt_ls.planner"):
+        summary = clocked(out, *budget, test_split=True)[1]
+    assert 200 * 0.06 + RUN_TAIL_S == 17.0 and ", 17 s kept for test decoding); " in caplog.text.split("wsd plan: ")[1]
+    assert (summary["test_engine"], summary["probe_s"]["ctranslate2"]["beam"]) == ("ctranslate2", pytest.approx(0.04))
+    ckpt = checkpoint.load(summary["checkpoint_last"])
+    assert ckpt["test_engine"] == "ctranslate2" and ckpt["probe_s"] == summary["probe_s"]
+    assert ckpt["probe_s"]["torch"] == {"greedy": pytest.approx(0.05), "beam": pytest.approx(0.1)}
+    monkeypatch.setattr(scoring, "time_engines", lambda *args: pytest.fail("a resumed run probed again"))
+    with caplog.at_level("INFO", logger="nmt_ls.resume"):
+        resumed = clocked(out, *budget, test_split=True, resume=True)[1]
+    assert "--resume: the test split is decoded by ctranslate2, as the checkpoint's decoding probe chose" in caplog.text
+    assert (resumed["test_engine"], resumed["probe_s"]) == ("ctranslate2", summary["probe_s"])
+
+
+def test_the_reserve_follows_torchs_speed_at_validations_scaled_to_the_chosen_engine():
+    # the probe: torch 0.05 s + 0.1 s a sentence, CTranslate2 chosen at 0.02 s + 0.04 s; a later
+    # validation decodes greedy at 0.1 s a sentence with torch (the model writes longer): the
+    # chosen engine's time is taken to double as well
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.002)
+    budget = Budget(max_minutes=10, planning=True, test_sentences=100)
+    probe_s = {"torch": {"greedy": 0.05, "beam": 0.1}, "ctranslate2": {"greedy": 0.02, "beam": 0.04}}
+    probe = lambda need_validation: Probe(0.05, 2.0, 0.5, "ctranslate2", probe_s)  # noqa: E731
+    planner = Planner(budget, WarmupStableDecay(optimizer, 2), PlanState(), FakeClock(), probe, World(0, 1, "cpu"))
+    planner.measure_decoding()
+    assert planner.reserve_s() == pytest.approx(100 * 0.06 + RUN_TAIL_S)
+    planner.on_validation(1.0, 0.1, Runway(10, 10**6, 10**6, 0))
+    assert planner.state.test_engine == "ctranslate2"
+    assert planner.reserve_s() == pytest.approx(100 * 0.12 + RUN_TAIL_S)
 
 
 def test_resume_with_a_larger_budget_extends_the_plan(tmp_path, clocked, caplog):

@@ -394,6 +394,7 @@ def setup(
             MetricsWriter(out_dir / "train_log.jsonl", out_dir / "tensorboard") if world.is_main else None,
             lock,
         )
+        world.wait_for_main()  # the main worker alone read the test split and opened the log's writers
         on_error.pop_all()  # set up: the lock is the run's now
     return built
 

@@ -46,10 +46,12 @@ def test_the_default_recipe_sizes_base_then_small():
     cfg = load_recipe(ROOT / "recipes" / "lohelp_en_de.yaml")
     assert cfg.size == "auto" and list(cfg.sizes) == ["base", "small"]
     assert cfg.sizes["base"].set == {"model.d_model": 256, "model.ffn_dim": 1024}
-    assert cfg.sizes["small"].set == {"model.d_model": 128, "model.ffn_dim": 512}
+    want = {"model.d_model": 128, "model.ffn_dim": 512, "model.dropout": 0.0, "train.lr": 0.004}
+    assert cfg.sizes["small"].set == want
     assert (cfg.sizes["base"].min_updates, cfg.sizes["small"].min_updates) == (1500, 0)
     small = load_recipe(ROOT / "recipes" / "lohelp_en_de.yaml", ["size=small"])
     assert (small.size, small.model.d_model, small.model.ffn_dim, small.model.n_heads) == ("small", 128, 512, 4)
+    assert (small.model.dropout, small.train.lr) == (0.0, 0.004)
 
 
 def test_out_dir_defaults_to_runs_name(tmp_path):

@@ -39,7 +39,7 @@ from nmt_ls.data import PairFilter, filter_pairs
 from nmt_ls.engines import MissingExtra, from_checkpoint
 from nmt_ls.evaluate import corpus_bleu, corpus_chrf, read_lines
 from nmt_ls.inference import translate
-from nmt_ls.scoring import ctranslate2_translator
+from nmt_ls.scoring import ctranslate2_translator, searches
 
 COLUMNS = "checkpoint|updates|params|valid nll|ppl|ECE|mean p(gold)|greedy BLEU|beam BLEU|beam chrF".split("|")
 
@@ -73,13 +73,14 @@ def teacher_forced(model, tok, cfg: dict, src: list[str], ref: list[str]) -> dic
 
 
 def decoded_scores(translate_lines, options: EvalConfig, src: list[str], ref: list[str]) -> dict:
-    """Greedy and beam BLEU, the beam's chrF and their signatures, on every line."""
-    greedy_bleu, _ = corpus_bleu(translate_lines(src, dataclasses.replace(options, beam_size=1)), ref)
-    beam_hyps = translate_lines(src, options)
-    beam_bleu, bleu_signature = corpus_bleu(beam_hyps, ref)
-    chrf, chrf_signature = corpus_chrf(beam_hyps, ref)
-    scores = {"beam_size": options.beam_size, "greedy_bleu": greedy_bleu, "beam_bleu": beam_bleu, "chrf": chrf}
-    return {**scores, "bleu_signature": bleu_signature, "chrf_signature": chrf_signature}
+    """Greedy and beam BLEU (the test split's two searches, :func:`nmt_ls.scoring.searches`), the
+    beam's chrF and their signatures, on every line."""
+    hyps = {name: translate_lines(src, decoding) for name, decoding in searches(options)}
+    scores = {"beam_size": options.beam_size}
+    for name in hyps:
+        scores[f"{name}_bleu"], scores["bleu_signature"] = corpus_bleu(hyps[name], ref)  # one signature
+    scores["chrf"], scores["chrf_signature"] = corpus_chrf(hyps["beam"], ref)
+    return scores
 
 
 def evaluate(path: str, args: argparse.Namespace) -> dict:
